@@ -1,0 +1,12 @@
+//! prefix-tune: prefix tuning of frozen language models.
+//!
+//! Layers, each using only those below it:
+//! - [`reference`]: the math in plain Rust (attention, layers, model forward/backward): the
+//!   specification and the test oracle, and a CPU fallback;
+//! - [`prefix`]: prefix parameters (bank, PEFT layout, reparameterization, initialization);
+//! - [`optim`]: AdamW/SGD, schedules and clipping on fp32 master weights;
+//! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
+//! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
+pub mod model;
+pub mod prefix;
+pub mod reference;

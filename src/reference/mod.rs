@@ -1,0 +1,3 @@
+//! The CPU reference path: the same math as the CUDA engine, in plain Rust, generic over f32/f64.
+pub mod attention;
+pub mod real;

@@ -8,5 +8,6 @@
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
 pub mod model;
+pub mod optim;
 pub mod prefix;
 pub mod reference;

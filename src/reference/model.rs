@@ -1,0 +1,561 @@
+//! The whole frozen model on the CPU: forward (loss, logits, per-layer K/V) and the prefix-only
+//! backward (the gradient of the mean loss with respect to every layer's prefix keys and values).
+//!
+//! Conventions:
+//! - a [`Batch`] is right-padded `[B, T]`; `labels[b, t]` is the token to predict *from* position
+//!   `t` (already shifted); rows at or past `valid_len[b]` are padding and never give loss;
+//! - prefixes are past keys/values (HF + PEFT): the keys are used as given (post-RoPE), and real
+//!   tokens sit at positions `P, P+1, …` ([`Positions::AfterPrefix`], the default) or `0, 1, …`
+//!   ([`Positions::FromZero`]);
+//! - the loss is HF's: the sum of token cross-entropies over the batch divided by the number of
+//!   target tokens; the gradient is that mean's.
+//!
+//! The LM head and the cross-entropy run over target rows only, in chunks, so a `[tokens, vocab]`
+//! logits matrix is never resident when only the loss or its gradient is wanted.
+
+use anyhow::{bail, ensure, Result};
+
+use super::layers::{
+    attention_block_backward, attention_block_forward, cross_entropy_in_place, embedding_forward,
+    linear_backward, mlp_block_backward, mlp_block_forward, norm_backward, norm_forward,
+    AttnBlockCache, BlockCtx, LayerPrefix, MlpCache, NormStats, Rope,
+};
+use super::real::{matmul, Real, Trans};
+use crate::model::config::{Arch, ModelConfig, ModelWeights};
+use crate::prefix::PrefixBank;
+
+/// Where the real tokens' positions start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// Real tokens at `P, P+1, …` after a prefix of length P (HF + PEFT).
+    #[default]
+    AfterPrefix,
+    /// Real tokens at `0, 1, …` whatever the prefix length.
+    FromZero,
+}
+
+/// A right-padded batch of token sequences with their targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub batch: usize,
+    /// Padded length T.
+    pub seq: usize,
+    /// `[B, T]`, padded.
+    pub tokens: Vec<u32>,
+    /// `[B, T]`: `labels[b, t]` is the token to predict from position `t`; `None`: not a target.
+    pub labels: Vec<Option<u32>>,
+    /// `[B]`, each ≤ T.
+    pub valid_len: Vec<usize>,
+    /// `[B]`: which prefix of the bank each sequence uses.
+    pub prefix_index: Vec<usize>,
+}
+
+impl Batch {
+    /// Builds a batch from `(input, target)` token pairs: each sequence is
+    /// `input ++ target (++ eos)`, right-padded with `pad_id`; the positions that predict a target
+    /// token (or the eos) carry labels, the input's do not. All sequences use prefix 0.
+    pub fn from_pairs<I: AsRef<[u32]>, O: AsRef<[u32]>>(
+        pairs: &[(I, O)],
+        eos: Option<u32>,
+        pad_id: u32,
+    ) -> Batch {
+        let seqs: Vec<(Vec<u32>, usize)> = pairs
+            .iter()
+            .map(|(i, o)| {
+                let (i, o) = (i.as_ref(), o.as_ref());
+                let mut s = Vec::with_capacity(i.len() + o.len() + 1);
+                s.extend_from_slice(i);
+                s.extend_from_slice(o);
+                s.extend(eos);
+                (s, i.len())
+            })
+            .collect();
+        let batch = seqs.len();
+        let seq = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+        let mut tokens = vec![pad_id; batch * seq];
+        let mut labels = vec![None; batch * seq];
+        let mut valid_len = Vec::with_capacity(batch);
+        for (b, (s, n_in)) in seqs.iter().enumerate() {
+            tokens[b * seq..b * seq + s.len()].copy_from_slice(s);
+            // Position t predicts token t+1: a label wherever token t+1 belongs to the target.
+            for t in n_in.saturating_sub(1)..s.len().saturating_sub(1) {
+                if t + 1 >= *n_in {
+                    labels[b * seq + t] = Some(s[t + 1]);
+                }
+            }
+            valid_len.push(s.len());
+        }
+        Batch {
+            batch,
+            seq,
+            tokens,
+            labels,
+            valid_len,
+            prefix_index: vec![0; batch],
+        }
+    }
+
+    /// The same batch with the given prefix per sequence.
+    pub fn with_prefix_index(mut self, prefix_index: Vec<usize>) -> Batch {
+        self.prefix_index = prefix_index;
+        self
+    }
+
+    /// Token rows B·T.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Whether row `r` (= b·T + t) is a real token (t < valid_len[b]).
+    pub fn is_valid_row(&self, r: usize) -> bool {
+        r % self.seq < self.valid_len[r / self.seq]
+    }
+
+    /// Target tokens per sequence (labels on valid rows only).
+    pub fn n_targets(&self) -> Vec<usize> {
+        (0..self.batch)
+            .map(|b| {
+                self.labels[b * self.seq..b * self.seq + self.valid_len[b]]
+                    .iter()
+                    .filter(|l| l.is_some())
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Checks the sizes and ids against a model and a bank of `n_prefixes` prefixes.
+    pub fn check(&self, cfg: &ModelConfig, n_prefixes: usize) -> Result<()> {
+        let rows = self.batch * self.seq;
+        ensure!(
+            self.tokens.len() == rows,
+            "batch: {} tokens, expected B·T = {rows}",
+            self.tokens.len()
+        );
+        ensure!(
+            self.labels.len() == rows,
+            "batch: {} labels, expected B·T = {rows}",
+            self.labels.len()
+        );
+        ensure!(
+            self.valid_len.len() == self.batch,
+            "batch: {} valid lengths for {} sequences",
+            self.valid_len.len(),
+            self.batch
+        );
+        ensure!(
+            self.prefix_index.len() == self.batch,
+            "batch: {} prefix indices for {} sequences",
+            self.prefix_index.len(),
+            self.batch
+        );
+        for b in 0..self.batch {
+            ensure!(
+                self.valid_len[b] <= self.seq,
+                "batch: sequence {b} has valid length {} > T = {}",
+                self.valid_len[b],
+                self.seq
+            );
+            ensure!(
+                n_prefixes == 0 || self.prefix_index[b] < n_prefixes,
+                "batch: sequence {b} uses prefix {} but the bank has {n_prefixes}",
+                self.prefix_index[b]
+            );
+        }
+        if let Some(t) = self.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "batch: token id {t} is outside the vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        if let Some(t) = self
+            .labels
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            bail!(
+                "batch: label {t} is outside the vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How a run places the real tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    pub positions: Positions,
+}
+
+/// Loss of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossOutput<T> {
+    /// `[B]`: summed cross-entropy over each sequence's targets.
+    pub loss_sum: Vec<T>,
+    /// `[B]`: target tokens per sequence.
+    pub n_targets: Vec<usize>,
+    /// `Σ loss_sum / Σ n_targets` (HF's convention); 0 when the batch has no target.
+    pub mean_loss: T,
+}
+
+/// Position of the first real token.
+fn position_offset(prefix_len: usize, positions: Positions) -> usize {
+    match positions {
+        Positions::AfterPrefix => prefix_len,
+        Positions::FromZero => 0,
+    }
+}
+
+/// Checks that every position of a `seq`-token sequence after a prefix of `prefix_len` fits the
+/// model (GPT-2's learned table has `max_positions` entries; RoPE has no table).
+pub fn check_positions(
+    cfg: &ModelConfig,
+    seq: usize,
+    prefix_len: usize,
+    positions: Positions,
+) -> Result<()> {
+    let needed = position_offset(prefix_len, positions) + seq;
+    if cfg.arch == Arch::Gpt2 && needed > cfg.max_positions {
+        bail!(
+            "GPT-2 has {} learned positions, but {seq} tokens placed after a prefix of {prefix_len} \
+             ({positions:?}) need {needed}",
+            cfg.max_positions
+        );
+    }
+    Ok(())
+}
+
+/// The prefix length P of an optional bank.
+fn prefix_len<T>(prefix: Option<&PrefixBank<T>>) -> usize {
+    prefix.map_or(0, |p| p.len)
+}
+
+/// Panics with a clear message when the batch, the bank or the positions do not fit the model.
+fn validate<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) {
+    let cfg = &m.config;
+    let check = || -> Result<()> {
+        let n_prefixes = match prefix {
+            Some(p) if p.len > 0 => {
+                ensure!(
+                    p.n_layers == cfg.n_layers
+                        && p.kv_heads == cfg.n_kv_heads
+                        && p.head_dim == cfg.head_dim,
+                    "prefix bank is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
+                    p.n_layers,
+                    p.kv_heads,
+                    p.head_dim,
+                    cfg.n_layers,
+                    cfg.n_kv_heads,
+                    cfg.head_dim
+                );
+                ensure!(
+                    p.k.len() == p.n_layers && p.v.len() == p.n_layers,
+                    "prefix bank: wrong number of layers"
+                );
+                for l in 0..p.n_layers {
+                    ensure!(
+                        p.k[l].len() == p.layer_len() && p.v[l].len() == p.layer_len(),
+                        "prefix bank: layer {l} has the wrong size"
+                    );
+                }
+                p.n_prefixes
+            }
+            _ => 0,
+        };
+        batch.check(cfg, n_prefixes)?;
+        check_positions(cfg, batch.seq, prefix_len(prefix), opts.positions)
+    };
+    if let Err(e) = check() {
+        panic!("{e:#}");
+    }
+}
+
+fn layer_prefix<T>(prefix: Option<&PrefixBank<T>>, l: usize) -> LayerPrefix<'_, T> {
+    match prefix {
+        Some(p) if p.len > 0 => LayerPrefix {
+            k: &p.k[l],
+            v: &p.v[l],
+            n_prefixes: p.n_prefixes,
+            len: p.len,
+        },
+        _ => LayerPrefix::empty(),
+    }
+}
+
+/// What a forward pass keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// Only the final hidden states.
+    Nothing,
+    /// Also every layer's sequence K (post-RoPE) and V.
+    Kv,
+    /// Everything the backward needs.
+    Everything,
+}
+
+/// The forward's results and cache.
+struct ForwardPass<T> {
+    /// Final-norm output `[rows, d]`.
+    hidden: Vec<T>,
+    /// Input of the final norm and its statistics (backward only).
+    final_x: Vec<T>,
+    final_norm: Option<NormStats<T>>,
+    /// Per layer (backward only).
+    blocks: Vec<(AttnBlockCache<T>, MlpCache<T>)>,
+    /// Per layer K, V `[B, Hkv, T, D]` (Keep::Kv only).
+    kv: Vec<(Vec<T>, Vec<T>)>,
+    /// RoPE tables of the batch (Llama).
+    rope: Option<Rope<T>>,
+}
+
+fn forward_pass<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+    keep: Keep,
+) -> ForwardPass<T> {
+    validate(m, prefix, batch, opts);
+    let cfg = &m.config;
+    let d = cfg.d_model;
+    let offset = position_offset(prefix_len(prefix), opts.positions);
+    let positions: Vec<usize> = (0..batch.rows())
+        .map(|r| offset + r % batch.seq.max(1))
+        .collect();
+    let mut x = match (cfg.arch, m.pos_emb.as_deref()) {
+        (Arch::Gpt2, Some(pe)) => {
+            embedding_forward(&batch.tokens, &m.tok_emb, d, Some((pe, &positions)))
+        }
+        (Arch::Gpt2, None) => panic!("GPT-2 model without position embeddings"),
+        (Arch::Llama, _) => embedding_forward(&batch.tokens, &m.tok_emb, d, None),
+    };
+    let rope =
+        (cfg.arch == Arch::Llama).then(|| Rope::new(cfg.head_dim, cfg.rope_theta, &positions));
+    let ctx = BlockCtx {
+        cfg,
+        batch: batch.batch,
+        seq: batch.seq,
+        valid_len: &batch.valid_len,
+        prefix_index: &batch.prefix_index,
+        rope: rope.as_ref(),
+    };
+    let mut blocks = Vec::new();
+    let mut kv = Vec::new();
+    for (l, lw) in m.layers.iter().enumerate() {
+        let (y, attn_cache) = attention_block_forward(&ctx, lw, &layer_prefix(prefix, l), &x);
+        let (y, mlp_cache) = mlp_block_forward(cfg, lw, &y);
+        x = y;
+        match keep {
+            Keep::Nothing => {}
+            Keep::Kv => kv.push((attn_cache.k, attn_cache.v)),
+            Keep::Everything => blocks.push((attn_cache, mlp_cache)),
+        }
+    }
+    let (hidden, final_norm) = norm_forward(
+        cfg.arch,
+        &x,
+        &m.final_norm_w,
+        m.final_norm_b.as_deref(),
+        d,
+        cfg.norm_eps,
+    );
+    let keep_all = keep == Keep::Everything;
+    ForwardPass {
+        hidden,
+        final_x: if keep_all { x } else { Vec::new() },
+        final_norm: keep_all.then_some(final_norm),
+        blocks,
+        kv,
+        rope,
+    }
+}
+
+/// Elements of one chunk of head logits (`rows × vocab`), so the full logits are never resident.
+const HEAD_CHUNK_ELEMS: usize = 1 << 23;
+
+/// LM head and cross-entropy over the target rows, in chunks. Returns the per-sequence loss
+/// sums (in f64) and, when `grad_scale` is given, the gradient of `grad_scale · Σ loss` with
+/// respect to the hidden states `[rows, d]` (zero on rows without a target).
+fn head_loss<T: Real>(
+    m: &ModelWeights<T>,
+    hidden: &[T],
+    batch: &Batch,
+    grad_scale: Option<T>,
+) -> (Vec<f64>, Option<Vec<T>>) {
+    let (d, vocab) = (m.config.d_model, m.config.vocab_size);
+    let head = m.head();
+    let targets: Vec<(usize, u32)> = (0..batch.rows())
+        .filter(|&r| batch.is_valid_row(r))
+        .filter_map(|r| batch.labels[r].map(|t| (r, t)))
+        .collect();
+    let mut loss_sum = vec![0.0f64; batch.batch];
+    let mut dh = grad_scale.map(|_| vec![T::zero(); hidden.len()]);
+    let chunk = (HEAD_CHUNK_ELEMS / vocab.max(1)).max(1);
+    let mut h = Vec::with_capacity(chunk.min(targets.len()) * d);
+    let mut logits = Vec::with_capacity(chunk.min(targets.len()) * vocab);
+    for group in targets.chunks(chunk) {
+        let c = group.len();
+        h.clear();
+        for &(r, _) in group {
+            h.extend_from_slice(&hidden[r * d..(r + 1) * d]);
+        }
+        logits.clear();
+        logits.resize(c * vocab, T::zero());
+        matmul(
+            c,
+            vocab,
+            d,
+            &h,
+            Trans::No,
+            head,
+            Trans::Yes,
+            &mut logits,
+            false,
+        );
+        let labels: Vec<Option<u32>> = group.iter().map(|&(_, t)| Some(t)).collect();
+        let losses = cross_entropy_in_place(&mut logits, &labels, vocab, grad_scale);
+        for (&(r, _), l) in group.iter().zip(&losses) {
+            loss_sum[r / batch.seq] += l.f64();
+        }
+        if let Some(dh) = dh.as_mut() {
+            let dh_chunk = linear_backward(&logits, head, d, vocab);
+            for (i, &(r, _)) in group.iter().enumerate() {
+                dh[r * d..(r + 1) * d].copy_from_slice(&dh_chunk[i * d..(i + 1) * d]);
+            }
+        }
+    }
+    (loss_sum, dh)
+}
+
+fn loss_output<T: Real>(loss_sum: Vec<f64>, batch: &Batch) -> LossOutput<T> {
+    let n_targets = batch.n_targets();
+    let total: usize = n_targets.iter().sum();
+    let mean = if total == 0 {
+        0.0
+    } else {
+        loss_sum.iter().sum::<f64>() / total as f64
+    };
+    LossOutput {
+        loss_sum: loss_sum.into_iter().map(T::of).collect(),
+        n_targets,
+        mean_loss: T::of(mean),
+    }
+}
+
+/// The batch's loss. `prefix: None` (or a bank of length 0) runs without a prefix.
+pub fn loss<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> LossOutput<T> {
+    let fwd = forward_pass(m, prefix, batch, opts, Keep::Nothing);
+    let (loss_sum, _) = head_loss(m, &fwd.hidden, batch, None);
+    loss_output(loss_sum, batch)
+}
+
+/// The batch's loss and the gradient of its mean with respect to every layer's prefix keys and
+/// values (same shape as `prefix`; summed over the sequences that use each prefix).
+pub fn loss_and_grad<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: &PrefixBank<T>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> (LossOutput<T>, PrefixBank<T>) {
+    let cfg = &m.config;
+    let mut fwd = forward_pass(m, Some(prefix), batch, opts, Keep::Everything);
+    let total: usize = batch.n_targets().iter().sum();
+    let mut grad = prefix.zeros_like();
+    if total == 0 {
+        let (loss_sum, _) = head_loss(m, &fwd.hidden, batch, None);
+        return (loss_output(loss_sum, batch), grad);
+    }
+    let scale = T::of(1.0 / total as f64);
+    let (loss_sum, dh) = head_loss(m, &fwd.hidden, batch, Some(scale));
+    let out = loss_output(loss_sum, batch);
+    fwd.hidden = Vec::new();
+    let dh = dh.expect("head gradient");
+    let final_norm = fwd.final_norm.take().expect("final norm statistics");
+    let mut dx = norm_backward(
+        cfg.arch,
+        &dh,
+        &fwd.final_x,
+        &m.final_norm_w,
+        &final_norm,
+        cfg.d_model,
+    );
+    drop(dh);
+    fwd.final_x = Vec::new();
+    let ctx = BlockCtx {
+        cfg,
+        batch: batch.batch,
+        seq: batch.seq,
+        valid_len: &batch.valid_len,
+        prefix_index: &batch.prefix_index,
+        rope: fwd.rope.as_ref(),
+    };
+    for l in (0..cfg.n_layers).rev() {
+        let (attn_cache, mlp_cache) = fwd.blocks.pop().expect("one cache per layer");
+        let lw = &m.layers[l];
+        dx = mlp_block_backward(cfg, lw, &mlp_cache, &dx);
+        drop(mlp_cache);
+        let g = attention_block_backward(
+            &ctx,
+            lw,
+            &layer_prefix(Some(prefix), l),
+            &attn_cache,
+            &dx,
+            l > 0,
+        );
+        if prefix.len > 0 {
+            grad.k[l] = g.d_prefix_k;
+            grad.v[l] = g.d_prefix_v;
+        }
+        if let Some(next) = g.dx {
+            dx = next;
+        }
+    }
+    (out, grad)
+}
+
+/// Logits `[B, T, V]` of every row (rows past a sequence's valid length are computed from
+/// padding and carry no meaning).
+pub fn logits<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> Vec<T> {
+    let fwd = forward_pass(m, prefix, batch, opts, Keep::Nothing);
+    let (rows, d, vocab) = (batch.rows(), m.config.d_model, m.config.vocab_size);
+    let mut out = vec![T::zero(); rows * vocab];
+    matmul(
+        rows,
+        vocab,
+        d,
+        &fwd.hidden,
+        Trans::No,
+        m.head(),
+        Trans::Yes,
+        &mut out,
+        false,
+    );
+    out
+}
+
+/// Per layer, the sequence's keys (after RoPE) and values `[B, Hkv, T, D]` — what a prefix made
+/// from real words would hold (Li & Liang §7.4).
+pub fn layer_kv<T: Real>(
+    m: &ModelWeights<T>,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> Vec<(Vec<T>, Vec<T>)> {
+    forward_pass(m, prefix, batch, opts, Keep::Kv).kv
+}

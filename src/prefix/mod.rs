@@ -1,5 +1,27 @@
 //! Prefix parameters: the bank of per-layer virtual keys/values, PEFT's layout, the
 //! Li & Liang reparameterization, and initialization.
+//!
+//! - this file: [`PrefixBank`], the layout the attention reads, and whole-bank data movement
+//!   (random init, select/stack prefixes, flatten for the optimizer);
+//! - [`peft`]: PEFT's `prompt_embeddings` layout ↔ bank, and PEFT adapter directories;
+//! - [`reparam`]: the Embedding → Linear → tanh → Linear reparameterization, forward/backward/fold;
+//! - [`init`]: a prefix from the frozen model's keys/values of a real text (Li & Liang §7.4);
+//! - [`file`]: our prefix files (safetensors + metadata), loading with validation.
+
+pub mod file;
+pub mod init;
+pub mod peft;
+pub mod reparam;
+
+pub use file::{check_compatible, load_prefix, save_prefix, Positions, PrefixMeta};
+pub use init::bank_from_kv;
+pub use peft::{export_peft_adapter, from_peft, import_peft_adapter, to_peft, PeftAdapterConfig};
+pub use reparam::{Reparam, ReparamCache, ReparamGrads};
+
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
 
 use crate::reference::real::Real;
 
@@ -57,5 +79,159 @@ impl<T: Real> PrefixBank<T> {
     /// Elements per layer per K or V: `n_prefixes · kv_heads · len · head_dim`.
     pub fn layer_len(&self) -> usize {
         self.n_prefixes * self.kv_heads * self.len * self.head_dim
+    }
+
+    /// A bank of independent N(0, std²) values from a seeded generator.
+    pub fn random(
+        n_prefixes: usize,
+        n_layers: usize,
+        kv_heads: usize,
+        len: usize,
+        head_dim: usize,
+        std: f64,
+        seed: u64,
+    ) -> Self {
+        let mut bank = Self::zeros(n_prefixes, n_layers, kv_heads, len, head_dim);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let normal =
+            Normal::new(0.0, std).expect("PrefixBank::random: std must be finite and >= 0");
+        for l in 0..n_layers {
+            for x in bank.k[l].iter_mut().chain(bank.v[l].iter_mut()) {
+                *x = T::of(normal.sample(&mut rng));
+            }
+        }
+        bank
+    }
+
+    /// Elements of one prefix in one layer's K (or V): `kv_heads · len · head_dim`.
+    pub fn prefix_len_elems(&self) -> usize {
+        self.kv_heads * self.len * self.head_dim
+    }
+
+    /// All parameters: `2 · n_layers · layer_len()`.
+    pub fn n_params(&self) -> usize {
+        2 * self.n_layers * self.layer_len()
+    }
+
+    /// Whether two banks have the same shape apart from the number of prefixes.
+    pub fn same_prefix_shape(&self, other: &Self) -> bool {
+        self.n_layers == other.n_layers
+            && self.kv_heads == other.kv_heads
+            && self.len == other.len
+            && self.head_dim == other.head_dim
+    }
+
+    /// Prefix `i` alone, as a bank with one prefix.
+    pub fn select(&self, i: usize) -> Self {
+        assert!(
+            i < self.n_prefixes,
+            "select: prefix {i} of a bank with {}",
+            self.n_prefixes
+        );
+        let per = self.prefix_len_elems();
+        let part = |x: &Vec<T>| x[i * per..(i + 1) * per].to_vec();
+        PrefixBank {
+            n_prefixes: 1,
+            n_layers: self.n_layers,
+            kv_heads: self.kv_heads,
+            len: self.len,
+            head_dim: self.head_dim,
+            k: self.k.iter().map(part).collect(),
+            v: self.v.iter().map(part).collect(),
+        }
+    }
+
+    /// Overwrites prefix `i` with the (single) prefix of `one`.
+    pub fn set_prefix(&mut self, i: usize, one: &Self) {
+        assert!(
+            one.n_prefixes == 1 && self.same_prefix_shape(one) && i < self.n_prefixes,
+            "set_prefix: shape mismatch or index {i} out of range"
+        );
+        let per = self.prefix_len_elems();
+        for l in 0..self.n_layers {
+            self.k[l][i * per..(i + 1) * per].copy_from_slice(&one.k[l]);
+            self.v[l][i * per..(i + 1) * per].copy_from_slice(&one.v[l]);
+        }
+    }
+
+    /// A multi-task bank holding the prefixes of `banks` in order (each may hold several).
+    pub fn stack(banks: &[Self]) -> Result<Self> {
+        let Some(first) = banks.first() else {
+            bail!("cannot stack an empty list of prefixes");
+        };
+        for (j, b) in banks.iter().enumerate() {
+            if !first.same_prefix_shape(b) {
+                bail!(
+                    "cannot stack prefix {j}: shape (layers {}, kv heads {}, length {}, head dim {}) \
+                     differs from prefix 0's ({}, {}, {}, {})",
+                    b.n_layers,
+                    b.kv_heads,
+                    b.len,
+                    b.head_dim,
+                    first.n_layers,
+                    first.kv_heads,
+                    first.len,
+                    first.head_dim
+                );
+            }
+        }
+        let cat = |l: usize, kv: fn(&Self) -> &Vec<Vec<T>>| {
+            banks
+                .iter()
+                .flat_map(|b| kv(b)[l].iter().copied())
+                .collect::<Vec<T>>()
+        };
+        Ok(PrefixBank {
+            n_prefixes: banks.iter().map(|b| b.n_prefixes).sum(),
+            n_layers: first.n_layers,
+            kv_heads: first.kv_heads,
+            len: first.len,
+            head_dim: first.head_dim,
+            k: (0..first.n_layers).map(|l| cat(l, |b| &b.k)).collect(),
+            v: (0..first.n_layers).map(|l| cat(l, |b| &b.v)).collect(),
+        })
+    }
+
+    /// All parameters in one vector (for the optimizer): layer 0's K, layer 0's V, layer 1's K, …
+    pub fn to_flat(&self) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.n_params());
+        for l in 0..self.n_layers {
+            out.extend_from_slice(&self.k[l]);
+            out.extend_from_slice(&self.v[l]);
+        }
+        out
+    }
+
+    /// Reads back what [`to_flat`](Self::to_flat) wrote.
+    pub fn copy_from_flat(&mut self, flat: &[T]) {
+        assert_eq!(flat.len(), self.n_params(), "copy_from_flat: length");
+        let n = self.layer_len();
+        for l in 0..self.n_layers {
+            let base = 2 * l * n;
+            self.k[l].copy_from_slice(&flat[base..base + n]);
+            self.v[l].copy_from_slice(&flat[base + n..base + 2 * n]);
+        }
+    }
+
+    /// Whether every value is finite.
+    pub fn all_finite(&self) -> bool {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .all(|x| x.iter().all(|v| v.is_finite()))
+    }
+
+    /// The same bank in another scalar type.
+    pub fn cast<U: Real>(&self) -> PrefixBank<U> {
+        let c = |x: &Vec<Vec<T>>| x.iter().map(|v| crate::reference::real::cast(v)).collect();
+        PrefixBank {
+            n_prefixes: self.n_prefixes,
+            n_layers: self.n_layers,
+            kv_heads: self.kv_heads,
+            len: self.len,
+            head_dim: self.head_dim,
+            k: c(&self.k),
+            v: c(&self.v),
+        }
     }
 }

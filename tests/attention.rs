@@ -566,3 +566,65 @@ fn equal_scores_average_the_visible_values() {
         assert!(worst < 1e-13, "{what}: uniform softmax rel err {worst:.3e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plain forward against a naive row-by-row oracle written from the definition.
+
+/// O and LSE of one query row straight from the definition: softmax over
+/// `[prefix ++ sequence[0..=t]]` of `scale·q·k`, weighted sum of the values.
+fn naive_row(c: &Case<f64>, b: usize, h: usize, t: usize) -> (Vec<f64>, f64) {
+    let s = c.s;
+    let d = s.head_dim;
+    let hk = h / (s.q_heads / s.kv_heads);
+    let pi = c.prefix_index[b];
+    let row = ((b * s.q_heads + h) * s.seq + t) * d;
+    let q = &c.q[row..row + d];
+    let mut keys: Vec<(&[f64], &[f64])> = Vec::new();
+    for j in 0..s.prefix {
+        let r = ((pi * s.kv_heads + hk) * s.prefix + j) * d;
+        keys.push((&c.pk[r..r + d], &c.pv[r..r + d]));
+    }
+    for j in 0..=t {
+        let r = ((b * s.kv_heads + hk) * s.seq + j) * d;
+        keys.push((&c.k[r..r + d], &c.v[r..r + d]));
+    }
+    let sc: Vec<f64> = keys
+        .iter()
+        .map(|(k, _)| c.scale * q.iter().zip(*k).map(|(a, b)| a * b).sum::<f64>())
+        .collect();
+    let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+    let mut o = vec![0.0; d];
+    for (x, (_, v)) in sc.iter().zip(&keys) {
+        let w = (x - m).exp() / z;
+        o.iter_mut().zip(*v).for_each(|(o, v)| *o += w * v);
+    }
+    (o, m + z.ln())
+}
+
+#[test]
+fn plain_forward_matches_naive_definition() {
+    let mut rng = StdRng::seed_from_u64(60);
+    let mut worst = 0.0f64;
+    for (s, pi, vl) in [
+        (shape(3, 4, 2, 13, 5, 8, 2), vec![1, 0, 1], vec![13, 6, 0]),
+        (shape(2, 9, 3, 20, 10, 64, 1), vec![0, 0], vec![20, 1]),
+        (shape(1, 2, 2, 9, 0, 16, 1), vec![0], vec![8]),
+    ] {
+        let c = random_case(&mut rng, s, &pi, &vl);
+        let (o, lse) = plain::forward(&s, &c.inputs());
+        let d = s.head_dim;
+        for b in 0..s.batch {
+            for h in 0..s.q_heads {
+                for t in 0..vl[b] {
+                    let (o_want, lse_want) = naive_row(&c, b, h, t);
+                    let row = (b * s.q_heads + h) * s.seq + t;
+                    worst = worst.max(rel_err(&o[row * d..(row + 1) * d], &o_want));
+                    worst = worst.max((lse[row] - lse_want).abs() / lse_want.abs().max(1.0));
+                }
+            }
+        }
+    }
+    println!("plain forward vs naive definition: worst rel err {worst:.2e}");
+    assert!(worst < 1e-13, "plain forward vs naive: {worst:.3e}");
+}

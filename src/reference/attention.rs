@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::real::Real;
+use super::real::{matmul, Real, Trans};
 
 /// Sizes of one prefix-attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,45 +115,35 @@ impl<'a, T: Real> AttnInputs<'a, T> {
         }
     }
 
-    /// Row `t` of sequence K or V for (b, kv head).
-    fn seq_row(buf: &'a [T], s: &AttnShape, b: usize, hk: usize, t: usize) -> &'a [T] {
-        let off = ((b * s.kv_heads + hk) * s.seq + t) * s.head_dim;
-        &buf[off..off + s.head_dim]
-    }
-
-    /// Row `j` of the prefix bank for (prefix, kv head).
-    fn prefix_row(buf: &'a [T], s: &AttnShape, p: usize, hk: usize, j: usize) -> &'a [T] {
-        let off = ((p * s.kv_heads + hk) * s.prefix + j) * s.head_dim;
-        &buf[off..off + s.head_dim]
+    /// The keys and values query rows of sequence `b` read through kv head `hk`, concatenated:
+    /// `[prefix ++ sequence[0..n]]`, each `[P + n, D]`.
+    fn keys_values(&self, s: &AttnShape, b: usize, hk: usize, n: usize) -> (Vec<T>, Vec<T>) {
+        let d = s.head_dim;
+        let pre = (self.prefix_index[b] * s.kv_heads + hk) * s.prefix * d;
+        let seq = (b * s.kv_heads + hk) * s.seq * d;
+        let cat = |bank: &[T], buf: &[T]| {
+            let mut out = bank[pre..pre + s.prefix * d].to_vec();
+            out.extend_from_slice(&buf[seq..seq + n * d]);
+            out
+        };
+        (cat(self.prefix_k, self.k), cat(self.prefix_v, self.v))
     }
 }
 
-#[inline]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
-}
-
-#[inline]
-fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += alpha * x);
-}
-
-/// Scaled scores of one query row against [prefix ++ sequence[0..=t]].
-fn row_scores<T: Real>(
-    inp: &AttnInputs<T>,
-    s: &AttnShape,
-    b: usize,
-    hk: usize,
-    t: usize,
-    q: &[T],
-) -> Vec<T> {
-    let pi = inp.prefix_index[b];
-    let mut sc = Vec::with_capacity(s.prefix + t + 1);
-    for j in 0..s.prefix {
-        sc.push(dot(q, AttnInputs::prefix_row(inp.prefix_k, s, pi, hk, j)) * inp.scale);
-    }
-    for j in 0..=t {
-        sc.push(dot(q, AttnInputs::seq_row(inp.k, s, b, hk, j)) * inp.scale);
+/// Scaled, masked scores of query rows `0..n` against `[prefix ++ sequence[0..n]]`:
+/// `S = Q·Kᵀ·scale`, `[n, P + n]`, with −∞ where sequence key `j` lies after query `t`.
+fn scores<T: Real>(q: &[T], keys: &[T], n: usize, p_len: usize, d: usize, scale: T) -> Vec<T> {
+    let width = p_len + n;
+    let mut sc = vec![T::zero(); n * width];
+    matmul(n, width, d, q, Trans::No, keys, Trans::Yes, &mut sc, false);
+    for t in 0..n {
+        for (j, x) in sc[t * width..(t + 1) * width].iter_mut().enumerate() {
+            *x = if j <= p_len + t {
+                *x * scale
+            } else {
+                T::neg_infinity()
+            };
+        }
     }
     sc
 }
@@ -161,7 +151,7 @@ fn row_scores<T: Real>(
 /// Forward: returns `(O [B,Hq,T,D], LSE [B,Hq,T])`, LSE in natural log.
 pub fn forward<T: Real>(s: &AttnShape, inp: &AttnInputs<T>) -> (Vec<T>, Vec<T>) {
     inp.check(s);
-    let (t_len, d) = (s.seq, s.head_dim);
+    let (t_len, d, p_len) = (s.seq, s.head_dim, s.prefix);
     let mut o = vec![T::zero(); s.q_len()];
     let mut lse = vec![T::zero(); s.lse_len()];
     o.par_chunks_mut(t_len * d.max(1))
@@ -169,25 +159,33 @@ pub fn forward<T: Real>(s: &AttnShape, inp: &AttnInputs<T>) -> (Vec<T>, Vec<T>) 
         .enumerate()
         .for_each(|(bh, (o_bh, lse_bh))| {
             let (b, h) = (bh / s.q_heads, bh % s.q_heads);
-            let hk = h / s.group();
-            let pi = inp.prefix_index[b];
-            for t in 0..inp.valid_len[b] {
-                let q = &inp.q[(bh * t_len + t) * d..(bh * t_len + t + 1) * d];
-                let sc = row_scores(inp, s, b, hk, t, q);
-                let m = sc.iter().copied().fold(T::neg_infinity(), T::max);
-                let w: Vec<T> = sc.iter().map(|&x| (x - m).exp()).collect();
-                let z: T = w.iter().copied().sum();
-                let out = &mut o_bh[t * d..(t + 1) * d];
-                for (j, &wj) in w.iter().enumerate() {
-                    let vrow = if j < s.prefix {
-                        AttnInputs::prefix_row(inp.prefix_v, s, pi, hk, j)
-                    } else {
-                        AttnInputs::seq_row(inp.v, s, b, hk, j - s.prefix)
-                    };
-                    axpy(wj / z, vrow, out);
-                }
+            let n = inp.valid_len[b];
+            if n == 0 {
+                return;
+            }
+            let (keys, values) = inp.keys_values(s, b, h / s.group(), n);
+            let q = &inp.q[bh * t_len * d..(bh * t_len + n) * d];
+            // Softmax of each row, in place: scores become weights.
+            let mut w = scores(q, &keys, n, p_len, d, inp.scale);
+            for (t, row) in w.chunks_mut(p_len + n).enumerate() {
+                let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+                row.iter_mut().for_each(|x| *x = (*x - m).exp());
+                let z: T = row.iter().copied().sum();
+                row.iter_mut().for_each(|x| *x /= z);
                 lse_bh[t] = m + z.ln();
             }
+            // O = W·V
+            matmul(
+                n,
+                d,
+                p_len + n,
+                &w,
+                Trans::No,
+                &values,
+                Trans::No,
+                o_bh,
+                false,
+            );
         });
     (o, lse)
 }
@@ -221,50 +219,88 @@ pub fn backward<T: Real>(
         .map(|(bk, (dq_g, (dk_bk, dv_bk)))| {
             let (b, hk) = (bk / s.kv_heads, bk % s.kv_heads);
             let pi = inp.prefix_index[b];
-            let mut dpk = vec![T::zero(); p_len * d];
-            let mut dpv = vec![T::zero(); p_len * d];
-            for g in 0..s.group() {
-                let h = hk * s.group() + g;
-                let bh = b * s.q_heads + h;
-                for t in 0..inp.valid_len[b] {
-                    let r = (bh * t_len + t) * d;
-                    let q = &inp.q[r..r + d];
-                    let dorow = &d_o[r..r + d];
-                    let di = dot(dorow, &o[r..r + d]);
-                    let sc = row_scores(inp, s, b, hk, t, q);
-                    let l = lse[bh * t_len + t];
-                    let dq_row = &mut dq_g[(g * t_len + t) * d..(g * t_len + t + 1) * d];
-                    for (j, &sj) in sc.iter().enumerate() {
-                        let pij = (sj - l).exp();
-                        let (krow, vrow) = if j < p_len {
-                            (
-                                AttnInputs::prefix_row(inp.prefix_k, s, pi, hk, j),
-                                AttnInputs::prefix_row(inp.prefix_v, s, pi, hk, j),
-                            )
-                        } else {
-                            (
-                                AttnInputs::seq_row(inp.k, s, b, hk, j - p_len),
-                                AttnInputs::seq_row(inp.v, s, b, hk, j - p_len),
-                            )
-                        };
-                        let dp = dot(dorow, vrow);
-                        let ds = pij * (dp - di) * inp.scale;
-                        axpy(ds, krow, dq_row);
-                        let (dk_row, dv_row) = if j < p_len {
-                            (&mut dpk[j * d..(j + 1) * d], &mut dpv[j * d..(j + 1) * d])
-                        } else {
-                            let jj = j - p_len;
-                            (
-                                &mut dk_bk[jj * d..(jj + 1) * d],
-                                &mut dv_bk[jj * d..(jj + 1) * d],
-                            )
-                        };
-                        axpy(ds, q, dk_row);
-                        axpy(pij, dorow, dv_row);
+            let n = inp.valid_len[b];
+            let width = p_len + n;
+            // Gradients of [prefix ++ sequence[0..n]] keys and values, summed over query heads.
+            let mut d_keys = vec![T::zero(); width * d];
+            let mut d_values = vec![T::zero(); width * d];
+            if n > 0 {
+                let (keys, values) = inp.keys_values(s, b, hk, n);
+                for g in 0..s.group() {
+                    let bh = b * s.q_heads + hk * s.group() + g;
+                    let rows = bh * t_len * d..(bh * t_len + n) * d;
+                    let (q, dorow) = (&inp.q[rows.clone()], &d_o[rows.clone()]);
+                    // P = exp(S − LSE), recomputed.
+                    let mut p = scores(q, &keys, n, p_len, d, inp.scale);
+                    for (t, row) in p.chunks_mut(width).enumerate() {
+                        let l = lse[bh * t_len + t];
+                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
                     }
+                    // dV += Pᵀ·dO
+                    matmul(
+                        width,
+                        d,
+                        n,
+                        &p,
+                        Trans::Yes,
+                        dorow,
+                        Trans::No,
+                        &mut d_values,
+                        true,
+                    );
+                    // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, in place.
+                    let mut ds = vec![T::zero(); n * width];
+                    matmul(
+                        n,
+                        width,
+                        d,
+                        dorow,
+                        Trans::No,
+                        &values,
+                        Trans::Yes,
+                        &mut ds,
+                        false,
+                    );
+                    for t in 0..n {
+                        let r = (bh * t_len + t) * d;
+                        let di = dot(&d_o[r..r + d], &o[r..r + d]);
+                        for j in 0..width {
+                            let x = &mut ds[t * width + j];
+                            *x = p[t * width + j] * (*x - di) * inp.scale;
+                        }
+                    }
+                    // dQ = dS·K, dK += dSᵀ·Q
+                    let dq_rows = &mut dq_g[g * block..g * block + n * d];
+                    matmul(
+                        n,
+                        d,
+                        width,
+                        &ds,
+                        Trans::No,
+                        &keys,
+                        Trans::No,
+                        dq_rows,
+                        false,
+                    );
+                    matmul(
+                        width,
+                        d,
+                        n,
+                        &ds,
+                        Trans::Yes,
+                        q,
+                        Trans::No,
+                        &mut d_keys,
+                        true,
+                    );
                 }
             }
-            (pi, dpk, dpv)
+            // Split [prefix ++ sequence] back: the sequence part is this head's dK/dV.
+            dk_bk[..n * d].copy_from_slice(&d_keys[p_len * d..]);
+            dv_bk[..n * d].copy_from_slice(&d_values[p_len * d..]);
+            d_keys.truncate(p_len * d);
+            d_values.truncate(p_len * d);
+            (pi, d_keys, d_values)
         })
         .collect();
     let mut d_prefix_k = vec![T::zero(); s.bank_len()];
@@ -284,4 +320,14 @@ pub fn backward<T: Real>(
         d_prefix_k,
         d_prefix_v,
     }
+}
+
+#[inline]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+}
+
+#[inline]
+fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += alpha * x);
 }

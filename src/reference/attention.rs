@@ -168,10 +168,13 @@ pub fn forward<T: Real>(s: &AttnShape, inp: &AttnInputs<T>) -> (Vec<T>, Vec<T>) 
             // Softmax of each row, in place: scores become weights.
             let mut w = scores(q, &keys, n, p_len, d, inp.scale);
             for (t, row) in w.chunks_mut(p_len + n).enumerate() {
-                let m = row.iter().copied().fold(T::neg_infinity(), T::max);
-                row.iter_mut().for_each(|x| *x = (*x - m).exp());
-                let z: T = row.iter().copied().sum();
-                row.iter_mut().for_each(|x| *x /= z);
+                // Keys after t are masked (−∞): weight 0, no exponential needed.
+                let (visible, masked) = row.split_at_mut(p_len + t + 1);
+                masked.fill(T::zero());
+                let m = visible.iter().copied().fold(T::neg_infinity(), T::max);
+                visible.iter_mut().for_each(|x| *x = (*x - m).exp());
+                let z: T = visible.iter().copied().sum();
+                visible.iter_mut().for_each(|x| *x /= z);
                 lse_bh[t] = m + z.ln();
             }
             // O = W·V
@@ -234,7 +237,9 @@ pub fn backward<T: Real>(
                     let mut p = scores(q, &keys, n, p_len, d, inp.scale);
                     for (t, row) in p.chunks_mut(width).enumerate() {
                         let l = lse[bh * t_len + t];
-                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                        let (visible, masked) = row.split_at_mut(p_len + t + 1);
+                        masked.fill(T::zero());
+                        visible.iter_mut().for_each(|x| *x = (*x - l).exp());
                     }
                     // dV += Pᵀ·dO
                     matmul(

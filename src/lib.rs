@@ -7,7 +7,9 @@
 //! - [`optim`]: AdamW/SGD, schedules and clipping on fp32 master weights;
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
+pub mod assets;
 pub mod cuda;
+pub mod emu;
 pub mod model;
 pub mod optim;
 pub mod prefix;

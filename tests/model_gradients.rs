@@ -731,3 +731,144 @@ fn batch_from_pairs_labels_targets_only() {
     let bad = Batch::from_pairs(&[(vec![70u32], vec![1u32])], None, 0);
     assert!(bad.check(&tiny_config(Arch::Llama, true), 1).is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// HF transformers + PEFT oracle (tests/fixtures/oracle_*.json, made by tools/oracle/)
+// ---------------------------------------------------------------------------------------------
+
+fn oracle_case(name: &str) {
+    use prefix_tune::model::load::load_model;
+    use prefix_tune::prefix::peft::from_peft;
+    use serde_json::Value;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let path = dir.join(format!("oracle_{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let o: Value = serde_json::from_str(&text).unwrap();
+    let model = load_model(&dir.join(o["model_dir"].as_str().unwrap())).unwrap();
+    let m32 = model.weights;
+    let m64: ModelWeights<f64> = m32.cast();
+    let cfg = m64.config.clone();
+    let floats = |v: &Value| -> Vec<f64> {
+        let mut out = Vec::new();
+        fn walk(v: &Value, out: &mut Vec<f64>) {
+            match v {
+                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                x => out.push(x.as_f64().unwrap()),
+            }
+        }
+        walk(v, &mut out);
+        out
+    };
+    let (bsz, seq) = (
+        o["batch"].as_u64().unwrap() as usize,
+        o["seq"].as_u64().unwrap() as usize,
+    );
+    let tokens: Vec<u32> = floats(&o["tokens"]).iter().map(|&x| x as u32).collect();
+    let labels: Vec<Option<u32>> = o["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_u64().map(|x| x as u32))
+        })
+        .collect();
+    let valid_len: Vec<usize> = floats(&o["valid_len"])
+        .iter()
+        .map(|&x| x as usize)
+        .collect();
+    let batch = Batch {
+        batch: bsz,
+        seq,
+        tokens,
+        labels,
+        valid_len,
+        prefix_index: vec![0; bsz],
+    };
+    let bank64 = from_peft(
+        &floats(&o["prompt_embeddings"]),
+        cfg.n_layers,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+    );
+    let bank32 = from_peft(
+        &floats(&o["prompt_embeddings"])
+            .iter()
+            .map(|&x| x as f32)
+            .collect::<Vec<_>>(),
+        cfg.n_layers,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+    );
+    let want_grad = from_peft(
+        &floats(&o["prefix"]["grad_mean_loss"]),
+        cfg.n_layers,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+    );
+    let after = RunOptions::default();
+    let zero = RunOptions {
+        positions: Positions::FromZero,
+    };
+    let cases: [(&str, Option<&PrefixBank<f64>>, &RunOptions); 3] = [
+        ("base", None, &after),
+        ("prefix", Some(&bank64), &after),
+        ("prefix_positions_from_zero", Some(&bank64), &zero),
+    ];
+    for (key, bank, opts) in cases {
+        let want = floats(&o[key]["loss_sum"]);
+        let got = loss(&m64, bank, &batch, opts);
+        let e = rel_err(&got.loss_sum, &want);
+        println!("{name} {key}: f64 loss_sum vs HF rel err {e:.2e}");
+        assert!(e < 1e-9, "{name} {key}");
+        let want_mean = o[key]["mean_loss"].as_f64().unwrap();
+        assert!((got.mean_loss - want_mean).abs() < 1e-9 * want_mean);
+        let bank32_opt = bank.map(|_| &bank32);
+        let got32 = loss(&m32, bank32_opt, &batch, opts);
+        let e32 = rel_err(&got32.loss_sum, &want);
+        println!("{name} {key}: f32 loss_sum vs HF rel err {e32:.2e}");
+        assert!(e32 <= 1e-5, "{name} {key} f32");
+    }
+    let (_, g64) = loss_and_grad(&m64, &bank64, &batch, &after);
+    let eg = rel_err(&flatten(&g64), &flatten(&want_grad));
+    let (_, g32) = loss_and_grad(&m32, &bank32, &batch, &after);
+    let flat32: Vec<f64> = (0..cfg.n_layers)
+        .flat_map(|l| {
+            g32.k[l]
+                .iter()
+                .chain(&g32.v[l])
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let eg32 = rel_err(&flat32, &flatten(&want_grad));
+    println!("{name}: prefix grad vs PEFT rel err f64 {eg:.2e}, f32 {eg32:.2e}");
+    assert!(eg < 1e-8);
+    assert!(eg32 <= 1e-4);
+    // Sampled logits: [b, t, v, value].
+    for (key, bank) in [("base", None), ("prefix", Some(&bank64))] {
+        let lg = logits(&m64, bank, &batch, &after);
+        for s in o[key]["logits_samples"].as_array().unwrap() {
+            let s = floats(s);
+            let (b, t, v) = (s[0] as usize, s[1] as usize, s[2] as usize);
+            let got = lg[(b * seq + t) * cfg.vocab_size + v];
+            assert!(
+                (got - s[3]).abs() < 1e-9 * (1.0 + s[3].abs()),
+                "{name} {key} logit {b},{t},{v}: {got} vs {}",
+                s[3]
+            );
+        }
+    }
+}
+
+#[test]
+fn gpt2_matches_hf_peft_oracle() {
+    oracle_case("gpt2");
+}
+
+#[test]
+fn llama_matches_hf_peft_oracle() {
+    oracle_case("llama");
+}

@@ -13,5 +13,6 @@
 
 #include "abi/convert.h"
 #include "abi/optim.h"
+#include "abi/attention.h"
 
 #endif /* PT_ABI_H */

@@ -3,6 +3,7 @@
 //! them ([`context`]) and typed launch wrappers ([`ops`]). Everything is reached through cudarc
 //! with the driver loaded at run time, so a build without a GPU or driver still runs on the CPU.
 pub mod abi;
+pub mod attention;
 pub mod context;
 pub mod modules;
 pub mod ops;

@@ -1,0 +1,205 @@
+//! The fused prefix-attention kernels (kernels/prefix_attention.cu), run on the CPU through the
+//! host emulation, against the plain CPU reference computed in f64 from the same fp16 inputs.
+//!
+//! Skips with a visible message when the build has no emulation (no CUDA headers); fails instead
+//! when `PREFIX_TUNE_REQUIRE_KERNELS=1`.
+
+use half::f16;
+use prefix_tune::emu::{self, HalfGrads, HalfInputs};
+use prefix_tune::reference::attention::{self, AttnInputs, AttnShape};
+use prefix_tune::reference::real::rel_err;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// fp16 tolerance on relative norm error (outputs and gradients).
+const TOL: f64 = 1e-2;
+
+fn emulation_or_skip(test: &str) -> bool {
+    if emu::available() {
+        return true;
+    }
+    if std::env::var("PREFIX_TUNE_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
+        panic!("{test}: PREFIX_TUNE_REQUIRE_KERNELS=1 but the host emulation was not built");
+    }
+    eprintln!("SKIPPED {test}: no host emulation in this build (CUDA headers not found)");
+    false
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    prefix: usize,
+    head_dim: usize,
+    n_prefixes: usize,
+    prefix_index: Vec<usize>,
+    valid_len: Vec<usize>,
+}
+
+impl Case {
+    fn shape(&self) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            seq: self.seq,
+            prefix: self.prefix,
+            head_dim: self.head_dim,
+            n_prefixes: self.n_prefixes,
+        }
+    }
+}
+
+fn randn_f16(rng: &mut StdRng, n: usize) -> Vec<f16> {
+    (0..n)
+        .map(|_| f16::from_f32(rng.sample::<f32, _>(StandardNormal)))
+        .collect()
+}
+
+fn widen(x: &[f16]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+struct Problem {
+    shape: AttnShape,
+    half: HalfInputs,
+    d_o: Vec<f16>,
+}
+
+fn problem(c: &Case, seed: u64) -> Problem {
+    let s = c.shape();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let half = HalfInputs {
+        q: randn_f16(&mut rng, s.q_len()),
+        k: randn_f16(&mut rng, s.kv_len()),
+        v: randn_f16(&mut rng, s.kv_len()),
+        prefix_k: randn_f16(&mut rng, s.bank_len()),
+        prefix_v: randn_f16(&mut rng, s.bank_len()),
+        prefix_index: c.prefix_index.clone(),
+        valid_len: c.valid_len.clone(),
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    };
+    let d_o = randn_f16(&mut rng, s.q_len());
+    Problem { shape: s, half, d_o }
+}
+
+/// The reference in f64 on the fp16-rounded inputs: (O, LSE, grads).
+fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>, attention::AttnGrads<f64>) {
+    let h = &p.half;
+    let (q, k, v, pk, pv) = (widen(&h.q), widen(&h.k), widen(&h.v), widen(&h.prefix_k), widen(&h.prefix_v));
+    let inp = AttnInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        prefix_k: &pk,
+        prefix_v: &pv,
+        prefix_index: &h.prefix_index,
+        valid_len: &h.valid_len,
+        scale: h.scale as f64,
+    };
+    let (o, lse) = attention::forward(&p.shape, &inp);
+    let g = attention::backward(&p.shape, &inp, &o, &lse, &widen(&p.d_o));
+    (o, lse, g)
+}
+
+fn assert_all_written(what: &str, x: &[f64]) {
+    let bad = x.iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(bad, 0, "{what}: {bad} of {} elements not written (NaN poison left) or not finite", x.len());
+}
+
+/// Relative error of one tensor, with the largest element difference for the log.
+fn compare(what: &str, got: &[f64], want: &[f64]) -> f64 {
+    assert_all_written(what, got);
+    let err = rel_err(got, want);
+    let (worst_i, worst) = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold((0, 0.0f64), |m, (i, d)| if d > m.1 { (i, d) } else { m });
+    println!(
+        "    {what:<11} rel err {err:.2e}  worst |diff| {worst:.2e} at {worst_i} (got {:.4}, want {:.4})",
+        got.get(worst_i).copied().unwrap_or(0.0),
+        want.get(worst_i).copied().unwrap_or(0.0)
+    );
+    assert!(err <= TOL, "{what}: relative error {err:.3e} > {TOL:.0e}");
+    err
+}
+
+fn grads_f64(g: &HalfGrads) -> [(&'static str, Vec<f64>); 5] {
+    [
+        ("dq", widen(&g.dq)),
+        ("dk", widen(&g.dk)),
+        ("dv", widen(&g.dv)),
+        ("d_prefix_k", widen(&g.d_prefix_k)),
+        ("d_prefix_v", widen(&g.d_prefix_v)),
+    ]
+}
+
+fn bits(x: &[f16]) -> Vec<u16> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Forward and both backward modes of one case; returns the worst relative error.
+fn run_case(c: &Case, seed: u64) -> f64 {
+    println!("case {c:?}");
+    let p = problem(c, seed);
+    let (o_ref, lse_ref, g_ref) = reference(&p);
+    let (o, lse) = emu::forward(&p.shape, &p.half).expect("emulated forward");
+    let mut worst = compare("o", &widen(&o), &o_ref);
+    let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+    worst = worst.max(compare("lse", &lse64, &lse_ref));
+
+    let want = [
+        &g_ref.dq,
+        &g_ref.dk,
+        &g_ref.dv,
+        &g_ref.d_prefix_k,
+        &g_ref.d_prefix_v,
+    ];
+    for deterministic in [false, true] {
+        println!("  backward, deterministic = {deterministic}");
+        let g = emu::backward(&p.shape, &p.half, &o, &lse, &p.d_o, deterministic)
+            .expect("emulated backward");
+        for ((what, got), want) in grads_f64(&g).iter().zip(want) {
+            worst = worst.max(compare(what, got, want));
+        }
+        if deterministic {
+            let again = emu::backward(&p.shape, &p.half, &o, &lse, &p.d_o, true)
+                .expect("emulated backward");
+            for (a, b, what) in [
+                (&g.dq, &again.dq, "dq"),
+                (&g.dk, &again.dk, "dk"),
+                (&g.dv, &again.dv, "dv"),
+                (&g.d_prefix_k, &again.d_prefix_k, "d_prefix_k"),
+                (&g.d_prefix_v, &again.d_prefix_v, "d_prefix_v"),
+            ] {
+                assert_eq!(bits(a), bits(b), "deterministic mode: {what} differs between two runs");
+            }
+        }
+    }
+    println!("  worst relative error {worst:.2e}");
+    worst
+}
+
+#[test]
+fn single_token_no_prefix_d64() {
+    if !emulation_or_skip("single_token_no_prefix_d64") {
+        return;
+    }
+    let c = Case {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 2,
+        seq: 1,
+        prefix: 0,
+        head_dim: 64,
+        n_prefixes: 0,
+        prefix_index: vec![0],
+        valid_len: vec![1],
+    };
+    run_case(&c, 1);
+}

@@ -475,6 +475,7 @@ fn write_raw(
 fn assert_refused(path: &Path, what: &str) -> String {
     let e = load_prefix(path).expect_err(what);
     let msg = format!("{e:#}");
+    eprintln!("{what}: {msg}");
     assert!(
         msg.contains(&path.display().to_string()),
         "{what}: error does not name the file: {msg}"
@@ -579,6 +580,14 @@ fn load_prefix_refuses_bad_files_naming_them() {
         write_raw(&p("bad_key"), "prefix", vec![5, width], &good, Some(m));
         assert_refused(&p("bad_key"), key);
     }
+
+    // Metadata claiming a huge model over a small tensor is refused before anything is allocated
+    // for it (2^40 elements would abort the test).
+    let mut m = good_metadata();
+    m.insert("n_layers".into(), "1048576".into());
+    m.insert("kv_heads".into(), "1048576".into());
+    write_raw(&p("huge"), "prefix", vec![5, width], &good, Some(m));
+    assert!(assert_refused(&p("huge"), "huge metadata").contains("shape"));
 
     // Wrong tensor name.
     write_raw(
@@ -781,4 +790,49 @@ fn peft_adapter_import_refusals_name_the_file() {
     std::fs::write(d.join("adapter_model.safetensors"), &full[..full.len() - 3]).unwrap();
     let msg = format!("{:#}", import_peft_adapter(&d).unwrap_err());
     assert!(msg.contains(&d.display().to_string()), "{msg}");
+}
+
+// ---------------------------------------------------------------- init from real words
+
+/// A prefix made from a text's keys/values acts exactly like the text itself: the continuation's
+/// logits after that prefix (real tokens at positions P, P+1, …) equal those of the model run on
+/// text ++ continuation.
+#[test]
+fn init_from_text_prefix_acts_like_the_text() {
+    use prefix_tune::prefix::init_from_text;
+    use prefix_tune::reference::model::{logits, Batch, RunOptions};
+    use prefix_tune::reference::testing::{random_model, tiny_config};
+    for arch in [Arch::Llama, Arch::Gpt2] {
+        let cfg = tiny_config(arch, true);
+        let m = random_model(&cfg, 0.3, 31);
+        let text = [5u32, 17, 42, 8];
+        let cont = [9u32, 33, 12, 50, 7];
+        let bank = init_from_text(&m, &text).unwrap();
+        assert_eq!(
+            (bank.n_prefixes, bank.len, bank.n_layers),
+            (1, text.len(), cfg.n_layers)
+        );
+        let one = |toks: &[u32]| Batch {
+            batch: 1,
+            seq: toks.len(),
+            tokens: toks.to_vec(),
+            labels: vec![None; toks.len()],
+            valid_len: vec![toks.len()],
+            prefix_index: vec![0],
+        };
+        let opts = RunOptions::default();
+        let with_prefix = logits(&m, Some(&bank), &one(&cont), &opts);
+        let full: Vec<u32> = text.iter().chain(&cont).copied().collect();
+        let all = logits(&m, None, &one(&full), &opts);
+        let tail = &all[text.len() * cfg.vocab_size..];
+        let e = rel_err(&with_prefix, tail);
+        assert!(e < 1e-12, "{arch:?}: rel err {e:e}");
+        // And differs from running the continuation alone (the prefix matters).
+        let alone = logits(&m, None, &one(&cont), &opts);
+        assert!(rel_err(&alone, tail) > 1e-3, "{arch:?}");
+    }
+    let cfg = tiny_config(Arch::Llama, true);
+    let m = random_model(&cfg, 0.3, 31);
+    assert!(init_from_text(&m, &[]).is_err());
+    assert!(init_from_text(&m, &[3, 999]).is_err());
 }

@@ -29,38 +29,25 @@ use safetensors::{Dtype, SafeTensors};
 use super::peft::{peft_width, to_peft, write_peft};
 use super::PrefixBank;
 use crate::model::{Arch, ModelConfig};
+pub use crate::reference::model::Positions;
 
 /// The prefix file format version written (and the newest one read).
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Which positions the real tokens get after a prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Positions {
-    /// Real tokens start at position P (PEFT and Li & Liang: the prefix is a past).
-    AfterPrefix,
-    /// Real tokens start at position 0 (the prefix has no position of its own).
-    FromZero,
-}
-
-impl Positions {
-    /// The name used in files and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Positions::AfterPrefix => "after-prefix",
-            Positions::FromZero => "from-zero",
-        }
+/// The positions convention's name in files and on the command line.
+pub fn positions_name(p: Positions) -> &'static str {
+    match p {
+        Positions::AfterPrefix => "after-prefix",
+        Positions::FromZero => "from-zero",
     }
 }
 
-impl std::str::FromStr for Positions {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "after-prefix" => Ok(Positions::AfterPrefix),
-            "from-zero" => Ok(Positions::FromZero),
-            _ => bail!("positions convention {s:?} is neither \"after-prefix\" nor \"from-zero\""),
-        }
+/// Parses [`positions_name`]'s output.
+pub fn parse_positions(s: &str) -> Result<Positions> {
+    match s {
+        "after-prefix" => Ok(Positions::AfterPrefix),
+        "from-zero" => Ok(Positions::FromZero),
+        _ => bail!("positions convention {s:?} is neither \"after-prefix\" nor \"from-zero\""),
     }
 }
 
@@ -189,7 +176,10 @@ pub fn save_prefix(path: &Path, bank: &PrefixBank<f32>, meta: &PrefixMeta) -> Re
             "base_model_fingerprint".to_string(),
             meta.fingerprint.clone(),
         ),
-        ("positions".to_string(), meta.positions.as_str().to_string()),
+        (
+            "positions".to_string(),
+            positions_name(meta.positions).to_string(),
+        ),
         ("training_args".to_string(), meta.training_args.clone()),
     ]);
     let width = peft_width(bank.n_layers, bank.kv_heads, bank.head_dim);
@@ -258,12 +248,13 @@ fn load_inner(path: &Path) -> Result<(PrefixBank<f32>, PrefixMeta)> {
         head_dim: num("head_dim")?,
         prefix_len: num("prefix_len")?,
         fingerprint: get("base_model_fingerprint")?.clone(),
-        positions: get("positions")?.parse()?,
+        positions: parse_positions(get("positions")?)?,
         training_args: get("training_args")?.clone(),
     };
     serde_json::from_str::<serde_json::Value>(&meta.training_args)
         .context("metadata field `training_args` is not valid JSON")?;
     let n_prefixes = num("n_prefixes")?;
+    // Each factor is at most 2^20, so the product fits in 64 bits.
     let width = peft_width(meta.n_layers, meta.kv_heads, meta.head_dim);
     // Every tensor is checked against the file's real size by the safetensors header
     // validation, so the sizes below are bounded by the bytes we hold.
@@ -274,13 +265,9 @@ fn load_inner(path: &Path) -> Result<(PrefixBank<f32>, PrefixMeta)> {
             st.names()
         );
     }
-    let mut bank = PrefixBank::zeros(
-        n_prefixes,
-        meta.n_layers,
-        meta.kv_heads,
-        meta.prefix_len,
-        meta.head_dim,
-    );
+    // Check every tensor before allocating the bank: a shape that matches the metadata is bounded
+    // by the file's real size, so the bank's size is too.
+    let mut data = Vec::with_capacity(n_prefixes);
     for i in 0..n_prefixes {
         let name = tensor_name(n_prefixes, i);
         let view = st
@@ -297,14 +284,24 @@ fn load_inner(path: &Path) -> Result<(PrefixBank<f32>, PrefixMeta)> {
                 meta.prefix_len
             );
         }
-        let data = tensor_to_f32(&view)?;
-        if let Some(j) = data.iter().position(|x| !x.is_finite()) {
+        let values = tensor_to_f32(&view)?;
+        if let Some(j) = values.iter().position(|x| !x.is_finite()) {
             bail!(
                 "tensor `{name}` holds a non-finite value ({}) at element {j}",
-                data[j]
+                values[j]
             );
         }
-        write_peft(&mut bank, i, &data);
+        data.push(values);
+    }
+    let mut bank = PrefixBank::zeros(
+        n_prefixes,
+        meta.n_layers,
+        meta.kv_heads,
+        meta.prefix_len,
+        meta.head_dim,
+    );
+    for (i, values) in data.iter().enumerate() {
+        write_peft(&mut bank, i, values);
     }
     Ok((bank, meta))
 }

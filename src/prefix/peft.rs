@@ -22,7 +22,10 @@
 //!   same tensor: PEFT saves the MLP's output (`get_prompt_embedding_to_save`), not the MLP, so
 //!   the import below reads both the same way. (PEFT's own MLP embeds `token_dim`, not d_model.)
 //! - The layout above was checked against `get_prompt(batch_size=1)`'s `DynamicCache` element by
-//!   element. Older PEFT versions may name the tensor with a `base_model.model.` prefix; any key
+//!   element (tests/fixtures/peft_prefix, made by tools/oracle/peft_prefix_fixture.py, is such a
+//!   PEFT-saved directory with PEFT's own per-layer keys/values). A directory written by
+//!   [`export_peft_adapter`] was loaded with `PeftModel.from_pretrained` (that script's `--check`)
+//!   and its `get_prompt` keys/values equalled the bank's exactly. Older PEFT versions may name the tensor with a `base_model.model.` prefix; any key
 //!   ending in `prompt_embeddings` is accepted.
 
 use std::collections::HashMap;

@@ -3,6 +3,9 @@
 //!
 //! Everything runs in f64 unless a test says otherwise; inputs are fresh seeded N(0, 1) draws.
 
+// Index loops over (batch, head, position) read like the layout formulas they check.
+#![allow(clippy::needless_range_loop)]
+
 use prefix_tune::reference::attention::{self as plain, AttnGrads, AttnInputs, AttnShape};
 use prefix_tune::reference::blockwise::{self, BlockSizes};
 use prefix_tune::reference::real::{cast, rel_err, Real};
@@ -141,7 +144,10 @@ fn loss(c: &Case<f64>, r: &[f64]) -> f64 {
 }
 
 /// Central finite differences of the loss with respect to every element of one input buffer.
-fn fd_grad(c: &Case<f64>, r: &[f64], which: fn(&mut Case<f64>) -> &mut Vec<f64>) -> Vec<f64> {
+/// Selects one input buffer of a case.
+type Buffer = fn(&mut Case<f64>) -> &mut Vec<f64>;
+
+fn fd_grad(c: &Case<f64>, r: &[f64], which: Buffer) -> Vec<f64> {
     let h = 1e-5;
     let mut c = c.clone();
     let n = which(&mut c).len();
@@ -163,7 +169,7 @@ fn check_finite_differences(seed: u64, s: AttnShape, prefix_index: &[usize], val
     let c = random_case(&mut rng, s, prefix_index, valid_len);
     let r = normal(&mut rng, s.q_len());
     let (_, _, g) = plain_all(&c, &r);
-    let checks: [(&str, &Vec<f64>, fn(&mut Case<f64>) -> &mut Vec<f64>); 5] = [
+    let checks: [(&str, &Vec<f64>, Buffer); 5] = [
         ("dQ", &g.dq, |c| &mut c.q),
         ("dK", &g.dk, |c| &mut c.k),
         ("dV", &g.dv, |c| &mut c.v),

@@ -59,7 +59,8 @@ pub struct BlockSizes {
 }
 
 impl BlockSizes {
-    /// The tile shape the forward kernel uses for head dimension 64.
+    /// The forward kernel's tile, 64 × 64 (`PT_ATTN_FWD_BLOCK_M`, `PT_ATTN_FWD_BLOCK_N` in
+    /// `kernels/abi/attention.h`).
     pub const DEFAULT: BlockSizes = BlockSizes { q: 64, k: 64 };
 
     fn check(&self) {

@@ -21,24 +21,7 @@ fn setup(
     // Scaled like a trained model so activations stay O(1) through 30 layers.
     let std = 0.02;
     let m: ModelWeights<f32> = random_model(cfg, std, 1).cast();
-    let b64 = random_bank(cfg, 2, prefix, 0.5, 2);
-    let bank = PrefixBank {
-        n_prefixes: b64.n_prefixes,
-        n_layers: b64.n_layers,
-        kv_heads: b64.kv_heads,
-        len: b64.len,
-        head_dim: b64.head_dim,
-        k: b64
-            .k
-            .iter()
-            .map(|v| v.iter().map(|&x| x as f32).collect())
-            .collect(),
-        v: b64
-            .v
-            .iter()
-            .map(|v| v.iter().map(|&x| x as f32).collect())
-            .collect(),
-    };
+    let bank: PrefixBank<f32> = random_bank(cfg, 2, prefix, 0.5, 2).cast();
     let mut batch = random_batch(cfg, batch, seq, 2, 3);
     // Full-length sequences: the benchmark shape is the whole B×T.
     let b = batch.batch;

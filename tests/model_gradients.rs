@@ -624,36 +624,12 @@ fn f32_loss_agrees_with_f64() {
         let bank64 = random_bank(&cfg, 2, 3, 0.5, 601);
         let batch = random_batch(&cfg, 3, 9, 2, 602);
         let m32: ModelWeights<f32> = m64.cast();
-        let bank32 = PrefixBank::<f32> {
-            n_prefixes: bank64.n_prefixes,
-            n_layers: bank64.n_layers,
-            kv_heads: bank64.kv_heads,
-            len: bank64.len,
-            head_dim: bank64.head_dim,
-            k: bank64
-                .k
-                .iter()
-                .map(|v| v.iter().map(|&x| x as f32).collect())
-                .collect(),
-            v: bank64
-                .v
-                .iter()
-                .map(|v| v.iter().map(|&x| x as f32).collect())
-                .collect(),
-        };
+        let bank32: PrefixBank<f32> = bank64.cast();
         let opts = RunOptions::default();
         let (l32, g32) = loss_and_grad(&m32, &bank32, &batch, &opts);
         let (l64, g64) = loss_and_grad(&m64, &bank64, &batch, &opts);
         let e = (l32.mean_loss as f64 - l64.mean_loss).abs() / l64.mean_loss.abs();
-        let flat32: Vec<f64> = (0..cfg.n_layers)
-            .flat_map(|l| {
-                g32.k[l]
-                    .iter()
-                    .chain(&g32.v[l])
-                    .map(|&x| x as f64)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let flat32 = flatten(&g32.cast());
         let eg = rel_err(&flat32, &flatten(&g64));
         println!("{arch:?} tied={tied}: f32 vs f64 loss rel err {e:.2e}, grad rel err {eg:.2e}");
         assert!(e <= 1e-5);
@@ -793,15 +769,7 @@ fn oracle_case(name: &str) {
         cfg.n_kv_heads,
         cfg.head_dim,
     );
-    let bank32 = from_peft(
-        &floats(&o["prompt_embeddings"])
-            .iter()
-            .map(|&x| x as f32)
-            .collect::<Vec<_>>(),
-        cfg.n_layers,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-    );
+    let bank32: PrefixBank<f32> = bank64.cast();
     let want_grad = from_peft(
         &floats(&o["prefix"]["grad_mean_loss"]),
         cfg.n_layers,
@@ -834,15 +802,7 @@ fn oracle_case(name: &str) {
     let (_, g64) = loss_and_grad(&m64, &bank64, &batch, &after);
     let eg = rel_err(&flatten(&g64), &flatten(&want_grad));
     let (_, g32) = loss_and_grad(&m32, &bank32, &batch, &after);
-    let flat32: Vec<f64> = (0..cfg.n_layers)
-        .flat_map(|l| {
-            g32.k[l]
-                .iter()
-                .chain(&g32.v[l])
-                .map(|&x| x as f64)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let flat32 = flatten(&g32.cast());
     let eg32 = rel_err(&flat32, &flatten(&want_grad));
     println!("{name}: prefix grad vs PEFT rel err f64 {eg:.2e}, f32 {eg32:.2e}");
     assert!(eg < 1e-8);

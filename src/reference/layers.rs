@@ -44,7 +44,7 @@ pub fn linear_forward<T: Real>(
         0,
         "linear: input is not [rows, {d_in}]"
     );
-    let rows = if d_in == 0 { 0 } else { x.len() / d_in };
+    let rows = x.len().checked_div(d_in).unwrap_or(0);
     let mut y = vec![T::zero(); rows * d_out];
     match b {
         Some(b) => {
@@ -71,7 +71,7 @@ pub fn linear_forward<T: Real>(
 
 /// `dx = dy·W`: `dy [rows, d_out]`, `W [d_out, d_in]` → `dx [rows, d_in]`.
 pub fn linear_backward<T: Real>(dy: &[T], w: &[T], d_in: usize, d_out: usize) -> Vec<T> {
-    let rows = if d_out == 0 { 0 } else { dy.len() / d_out };
+    let rows = dy.len().checked_div(d_out).unwrap_or(0);
     let mut dx = vec![T::zero(); rows * d_in];
     linear_backward_into(dy, w, d_in, d_out, &mut dx, false);
     dx
@@ -96,7 +96,7 @@ pub fn linear_backward_into<T: Real>(
         0,
         "linear: dy is not [rows, {d_out}]"
     );
-    let rows = if d_out == 0 { 0 } else { dy.len() / d_out };
+    let rows = dy.len().checked_div(d_out).unwrap_or(0);
     assert_eq!(dx.len(), rows * d_in, "linear: dx is not [{rows}, {d_in}]");
     matmul(
         rows,

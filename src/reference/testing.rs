@@ -166,15 +166,15 @@ pub fn random_batch(
         .collect();
     let mut tokens = vec![0u32; batch * seq];
     let mut labels = vec![None; batch * seq];
-    for b in 0..batch {
+    for (b, &vl) in valid_len.iter().enumerate() {
         for t in 0..seq {
             let r = b * seq + t;
-            if t < valid_len[b] {
+            if t < vl {
                 tokens[r] = rng.random_range(0..vocab);
                 if rng.random_bool(0.75) {
                     labels[r] = Some(rng.random_range(0..vocab));
                 }
-            } else if t == valid_len[b] {
+            } else if t == vl {
                 labels[r] = Some(rng.random_range(0..vocab));
             }
         }

@@ -220,7 +220,16 @@ pub fn backward(
     }
     #[cfg(not(prefix_tune_emulation))]
     {
-        let _ = (p, pi, vl, &mut delta, &mut dq_accum, &mut dpk_partial, &mut dpv_partial, &mut g);
+        let _ = (
+            p,
+            pi,
+            vl,
+            &mut delta,
+            &mut dq_accum,
+            &mut dpk_partial,
+            &mut dpv_partial,
+            &mut g,
+        );
         missing()
     }
 }

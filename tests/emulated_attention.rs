@@ -83,13 +83,23 @@ fn problem(c: &Case, seed: u64) -> Problem {
         scale: 1.0 / (c.head_dim as f32).sqrt(),
     };
     let d_o = randn_f16(&mut rng, s.q_len());
-    Problem { shape: s, half, d_o }
+    Problem {
+        shape: s,
+        half,
+        d_o,
+    }
 }
 
 /// The reference in f64 on the fp16-rounded inputs: (O, LSE, grads).
 fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>, attention::AttnGrads<f64>) {
     let h = &p.half;
-    let (q, k, v, pk, pv) = (widen(&h.q), widen(&h.k), widen(&h.v), widen(&h.prefix_k), widen(&h.prefix_v));
+    let (q, k, v, pk, pv) = (
+        widen(&h.q),
+        widen(&h.k),
+        widen(&h.v),
+        widen(&h.prefix_k),
+        widen(&h.prefix_v),
+    );
     let inp = AttnInputs {
         q: &q,
         k: &k,
@@ -107,7 +117,12 @@ fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>, attention::AttnGrads<f64>) {
 
 fn assert_all_written(what: &str, x: &[f64]) {
     let bad = x.iter().filter(|v| !v.is_finite()).count();
-    assert_eq!(bad, 0, "{what}: {bad} of {} elements not written (NaN poison left) or not finite", x.len());
+    assert_eq!(
+        bad,
+        0,
+        "{what}: {bad} of {} elements not written (NaN poison left) or not finite",
+        x.len()
+    );
 }
 
 /// Relative error of one tensor, with the largest element difference for the log.
@@ -177,7 +192,11 @@ fn run_case(c: &Case, seed: u64) -> f64 {
                 (&g.d_prefix_k, &again.d_prefix_k, "d_prefix_k"),
                 (&g.d_prefix_v, &again.d_prefix_v, "d_prefix_v"),
             ] {
-                assert_eq!(bits(a), bits(b), "deterministic mode: {what} differs between two runs");
+                assert_eq!(
+                    bits(a),
+                    bits(b),
+                    "deterministic mode: {what} differs between two runs"
+                );
             }
         }
     }
@@ -202,4 +221,105 @@ fn single_token_no_prefix_d64() {
         valid_len: vec![1],
     };
     run_case(&c, 1);
+}
+
+#[test]
+fn no_prefix_multi_tile_d64() {
+    if !emulation_or_skip("no_prefix_multi_tile_d64") {
+        return;
+    }
+    // P = 0 with more than one query/key tile.
+    let c = Case {
+        batch: 1,
+        q_heads: 1,
+        kv_heads: 1,
+        seq: 65,
+        prefix: 0,
+        head_dim: 64,
+        n_prefixes: 0,
+        prefix_index: vec![0],
+        valid_len: vec![65],
+    };
+    run_case(&c, 6);
+}
+
+#[test]
+fn gqa_short_prefix_padding_d64() {
+    if !emulation_or_skip("gqa_short_prefix_padding_d64") {
+        return;
+    }
+    // T not a multiple of the tile, P = 1, GQA 4/2, one padded sequence.
+    let c = Case {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        seq: 37,
+        prefix: 1,
+        head_dim: 64,
+        n_prefixes: 2,
+        prefix_index: vec![1, 0],
+        valid_len: vec![37, 20],
+    };
+    run_case(&c, 2);
+}
+
+#[test]
+fn two_prefixes_multi_tile_d64() {
+    if !emulation_or_skip("two_prefixes_multi_tile_d64") {
+        return;
+    }
+    // P and T both over one tile and not multiples of it; three sequences on two of three bank
+    // entries (one shared, one unused), one sequence entirely padding.
+    let c = Case {
+        batch: 3,
+        q_heads: 2,
+        kv_heads: 1,
+        seq: 70,
+        prefix: 75,
+        head_dim: 64,
+        n_prefixes: 3,
+        prefix_index: vec![2, 0, 2],
+        valid_len: vec![70, 0, 45],
+    };
+    run_case(&c, 3);
+}
+
+#[test]
+fn long_sequence_d128() {
+    if !emulation_or_skip("long_sequence_d128") {
+        return;
+    }
+    // T over two tiles, P a non-multiple of the tile, Hq = Hkv.
+    let c = Case {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 2,
+        seq: 150,
+        prefix: 13,
+        head_dim: 128,
+        n_prefixes: 1,
+        prefix_index: vec![0],
+        valid_len: vec![150],
+    };
+    run_case(&c, 4);
+}
+
+#[test]
+fn gqa_two_prefixes_padding_d128() {
+    if !emulation_or_skip("gqa_two_prefixes_padding_d128") {
+        return;
+    }
+    // D = 128 with GQA, P over two tiles, two prefixes, padding (incl. an empty sequence).
+    let c = Case {
+        batch: 3,
+        q_heads: 4,
+        kv_heads: 2,
+        seq: 33,
+        prefix: 130,
+        head_dim: 128,
+        n_prefixes: 2,
+        prefix_index: vec![1, 0, 1],
+        valid_len: vec![33, 0, 17],
+    };
+    run_case(&c, 5);
 }

@@ -22,7 +22,11 @@ pub fn attn_params(s: &AttnShape, scale: f32, deterministic: bool) -> Result<pt_
         );
     }
     if s.kv_heads == 0 || s.q_heads % s.kv_heads != 0 {
-        bail!("q_heads ({}) must be a positive multiple of kv_heads ({})", s.q_heads, s.kv_heads);
+        bail!(
+            "q_heads ({}) must be a positive multiple of kv_heads ({})",
+            s.q_heads,
+            s.kv_heads
+        );
     }
     if s.batch == 0 || s.seq == 0 {
         bail!("empty batch or sequence: {s:?}");
@@ -32,9 +36,17 @@ pub fn attn_params(s: &AttnShape, scale: f32, deterministic: bool) -> Result<pt_
     }
     // Element counts must fit the kernels' size_t offsets and grid dims; sizes must fit i32.
     let fits = |v: usize| i32::try_from(v).is_ok();
-    if ![s.batch, s.q_heads, s.kv_heads, s.seq, s.prefix, s.head_dim, s.n_prefixes]
-        .into_iter()
-        .all(fits)
+    if ![
+        s.batch,
+        s.q_heads,
+        s.kv_heads,
+        s.seq,
+        s.prefix,
+        s.head_dim,
+        s.n_prefixes,
+    ]
+    .into_iter()
+    .all(fits)
         || !fits(s.batch * s.q_heads)
     {
         bail!("prefix attention shape too large: {s:?}");
@@ -71,10 +83,16 @@ pub fn index_arrays(
     }
     for (b, (&pi, &vl)) in prefix_index.iter().zip(valid_len).enumerate() {
         if s.prefix > 0 && pi >= s.n_prefixes {
-            bail!("sequence {b}: prefix index {pi} out of range ({} prefixes)", s.n_prefixes);
+            bail!(
+                "sequence {b}: prefix index {pi} out of range ({} prefixes)",
+                s.n_prefixes
+            );
         }
         if vl > s.seq {
-            bail!("sequence {b}: valid length {vl} > sequence length {}", s.seq);
+            bail!(
+                "sequence {b}: valid length {vl} > sequence length {}",
+                s.seq
+            );
         }
     }
     let pi = prefix_index

@@ -8,7 +8,7 @@
 //! and compare: per-example losses, the batch mean, sampled logits, and the gradient of the mean
 //! loss mapped back to PEFT's `prompt_embeddings` layout.
 //!
-//! Tolerances: f32 losses rel ≤ 1e-5 and gradients rel ≤ 1e-4 (against f64); f64 rel ≤ 1e-9
+//! Tolerances: f32 losses rel ≤ 1e-5 and gradients rel ≤ 1e-4 (against f64); f64 rel ≤ 1e-12
 //! (the weights are exactly representable, so only summation order differs; measured ~1e-15).
 
 use std::path::{Path, PathBuf};

@@ -832,3 +832,22 @@ fn gpt2_matches_hf_peft_oracle() {
 fn llama_matches_hf_peft_oracle() {
     oracle_case("llama");
 }
+
+#[test]
+fn empty_batch_gives_zero_loss() {
+    let cfg = tiny_config(Arch::Llama, true);
+    let m = random_model(&cfg, 0.3, 800);
+    let bank = random_bank(&cfg, 1, 3, 0.5, 801);
+    let opts = RunOptions::default();
+    let no_pairs: &[(Vec<u32>, Vec<u32>)] = &[];
+    for batch in [
+        Batch::from_pairs(no_pairs, None, 0),
+        Batch::from_pairs(&[(vec![], vec![])], None, 0),
+    ] {
+        let (out, grad) = loss_and_grad(&m, &bank, &batch, &opts);
+        assert_eq!(out.mean_loss, 0.0);
+        assert_eq!(grad, bank.zeros_like());
+        assert!(logits(&m, Some(&bank), &batch, &opts).is_empty());
+        assert_eq!(layer_kv(&m, Some(&bank), &batch, &opts).len(), cfg.n_layers);
+    }
+}

@@ -348,6 +348,13 @@ fn forward_pass<T: Real>(
     let mut blocks = Vec::new();
     let mut kv = Vec::new();
     for (l, lw) in m.layers.iter().enumerate() {
+        if batch.rows() == 0 {
+            // An empty batch: nothing to compute (and no targets, so no backward).
+            if keep == Keep::Kv {
+                kv.push((Vec::new(), Vec::new()));
+            }
+            continue;
+        }
         let (y, attn_cache) = attention_block_forward(&ctx, lw, &layer_prefix(prefix, l), &x);
         let (y, mlp_cache) = mlp_block_forward(cfg, lw, &y);
         x = y;

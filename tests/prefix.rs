@@ -836,3 +836,55 @@ fn init_from_text_prefix_acts_like_the_text() {
     assert!(init_from_text(&m, &[]).is_err());
     assert!(init_from_text(&m, &[3, 999]).is_err());
 }
+
+#[test]
+fn reparam_file_round_trips_and_refuses_bad_files() {
+    use prefix_tune::prefix::{load_reparam, save_reparam};
+    let dir = tempfile::tempdir().unwrap();
+    let r: Reparam<f32> = Reparam::<f64>::random(3, 2, 6, 5, 12, 16, 8).cast();
+    let path = dir.path().join("reparam.safetensors");
+    save_reparam(&path, &r).unwrap();
+    assert_eq!(load_reparam(&path).unwrap(), r);
+    // Truncated.
+    let full = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("cut.safetensors");
+    std::fs::write(&bad, &full[..full.len() - 5]).unwrap();
+    let msg = format!("{:#}", load_reparam(&bad).unwrap_err());
+    assert!(msg.contains(&bad.display().to_string()), "{msg}");
+    // A plain prefix file is not a reparameterization.
+    let cfg = config();
+    let pf = dir.path().join("prefix.safetensors");
+    save_prefix(&pf, &random_bank(&cfg, 1, 5, 1), &meta_for(&cfg, 5)).unwrap();
+    let msg = format!("{:#}", load_reparam(&pf).unwrap_err());
+    assert!(
+        msg.contains("prefix_tune_reparam") && msg.contains(&pf.display().to_string()),
+        "{msg}"
+    );
+    // Inconsistent shapes (an output layer for another model).
+    let mut wrong = r.clone();
+    wrong.n_layers = 2;
+    wrong.w2.truncate(wrong.out_dim() * wrong.hidden);
+    wrong.b2.truncate(wrong.out_dim());
+    let wp = dir.path().join("wrong.safetensors");
+    save_reparam(&wp, &wrong).unwrap();
+    let bytes = std::fs::read(&wp).unwrap();
+    // Rewrite the metadata's n_layers to 3 by re-serializing with r's metadata.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut meta = HashMap::new();
+    for (k, v) in [
+        ("prefix_tune_reparam", "1"),
+        ("n_layers", "3"),
+        ("kv_heads", "2"),
+        ("head_dim", "6"),
+    ] {
+        meta.insert(k.to_string(), v.to_string());
+    }
+    let views: Vec<(String, TensorView)> = st.tensors();
+    std::fs::write(&wp, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    let msg = format!("{:#}", load_reparam(&wp).unwrap_err());
+    assert!(msg.contains("inconsistent shapes"), "{msg}");
+    // Non-finite values are refused when saving.
+    let mut nan = r.clone();
+    nan.w1[0] = f32::NAN;
+    assert!(save_reparam(&dir.path().join("nan.safetensors"), &nan).is_err());
+}

@@ -365,3 +365,133 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     }
     result
 }
+
+/// Saves a reparameterization (a training checkpoint; what is kept after training is
+/// [`Reparam::fold`](super::Reparam::fold) saved with [`save_prefix`]). Tensors are named like
+/// PEFT's `PrefixEncoder`: `embedding.weight`, `transform.0.weight`, `transform.0.bias`,
+/// `transform.2.weight`, `transform.2.bias`; metadata `prefix_tune_reparam` (version),
+/// `n_layers`, `kv_heads`, `head_dim`.
+pub fn save_reparam(path: &Path, r: &super::Reparam<f32>) -> Result<()> {
+    let what = || format!("saving reparameterization {}", path.display());
+    let out = r.out_dim();
+    let parts: [(&str, Vec<usize>, &Vec<f32>); 5] = [
+        ("embedding.weight", vec![r.len, r.emb_dim], &r.embedding),
+        ("transform.0.weight", vec![r.hidden, r.emb_dim], &r.w1),
+        ("transform.0.bias", vec![r.hidden], &r.b1),
+        ("transform.2.weight", vec![out, r.hidden], &r.w2),
+        ("transform.2.bias", vec![out], &r.b2),
+    ];
+    for (name, shape, v) in &parts {
+        if shape.iter().product::<usize>() != v.len() || v.is_empty() {
+            bail!(
+                "{}: `{name}` has {} values for shape {shape:?}",
+                what(),
+                v.len()
+            );
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            bail!("{}: `{name}` holds non-finite values", what());
+        }
+    }
+    let bytes: Vec<Vec<u8>> = parts
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::new();
+    for ((name, shape, _), b) in parts.iter().zip(&bytes) {
+        views.push((
+            name.to_string(),
+            TensorView::new(Dtype::F32, shape.clone(), b).with_context(what)?,
+        ));
+    }
+    let info = HashMap::from([
+        (
+            "prefix_tune_reparam".to_string(),
+            FORMAT_VERSION.to_string(),
+        ),
+        ("n_layers".to_string(), r.n_layers.to_string()),
+        ("kv_heads".to_string(), r.kv_heads.to_string()),
+        ("head_dim".to_string(), r.head_dim.to_string()),
+    ]);
+    let data = safetensors::serialize(views, Some(info)).with_context(what)?;
+    write_atomic(path, &data).with_context(what)
+}
+
+/// Loads what [`save_reparam`] wrote, checking every shape against the others and the metadata.
+pub fn load_reparam(path: &Path) -> Result<super::Reparam<f32>> {
+    load_reparam_inner(path)
+        .with_context(|| format!("loading reparameterization {}", path.display()))
+}
+
+fn load_reparam_inner(path: &Path) -> Result<super::Reparam<f32>> {
+    let bytes = std::fs::read(path).context("cannot read the file")?;
+    let st = SafeTensors::deserialize(&bytes)
+        .context("not a valid safetensors file (truncated or corrupt)")?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).context("unreadable header")?;
+    let Some(map) = header.metadata() else {
+        bail!("the header has no metadata: not a prefix-tune reparameterization file");
+    };
+    let num = |key: &str| -> Result<usize> {
+        let s = map
+            .get(key)
+            .with_context(|| format!("metadata field `{key}` is missing"))?;
+        let n: usize = s
+            .parse()
+            .with_context(|| format!("metadata field `{key}` = {s:?} is not a whole number"))?;
+        if n == 0 || n > MAX_DIM {
+            bail!("metadata field `{key}` = {n} is out of range 1..={MAX_DIM}");
+        }
+        Ok(n)
+    };
+    let version = num("prefix_tune_reparam")?;
+    if version > FORMAT_VERSION as usize {
+        bail!("reparameterization format version {version} is not supported");
+    }
+    let (n_layers, kv_heads, head_dim) = (num("n_layers")?, num("kv_heads")?, num("head_dim")?);
+    let out = peft_width(n_layers, kv_heads, head_dim);
+    let get = |name: &str, rank: usize| -> Result<(Vec<usize>, Vec<f32>)> {
+        let view = st
+            .tensor(name)
+            .with_context(|| format!("tensor `{name}` is missing (found {:?})", st.names()))?;
+        if view.dtype() != Dtype::F32 || view.shape().len() != rank {
+            bail!(
+                "tensor `{name}` is {:?} {:?}, expected F32 of rank {rank}",
+                view.dtype(),
+                view.shape()
+            );
+        }
+        let v = tensor_to_f32(&view)?;
+        if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "tensor `{name}` holds a non-finite value ({}) at element {j}",
+                v[j]
+            );
+        }
+        Ok((view.shape().to_vec(), v))
+    };
+    let (se, embedding) = get("embedding.weight", 2)?;
+    let (s1, w1) = get("transform.0.weight", 2)?;
+    let (sb1, b1) = get("transform.0.bias", 1)?;
+    let (s2, w2) = get("transform.2.weight", 2)?;
+    let (sb2, b2) = get("transform.2.bias", 1)?;
+    let (len, emb_dim, hidden) = (se[0], se[1], s1[0]);
+    if s1 != [hidden, emb_dim] || sb1 != [hidden] || s2 != [out, hidden] || sb2 != [out] {
+        bail!(
+            "inconsistent shapes: embedding {se:?}, transform.0 {s1:?} + {sb1:?}, transform.2 \
+             {s2:?} + {sb2:?}; expected an output width of {out} (2·{n_layers}·{kv_heads}·{head_dim})"
+        );
+    }
+    Ok(super::Reparam {
+        n_layers,
+        kv_heads,
+        head_dim,
+        len,
+        emb_dim,
+        hidden,
+        embedding,
+        w1,
+        b1,
+        w2,
+        b2,
+    })
+}

@@ -13,7 +13,10 @@ pub mod init;
 pub mod peft;
 pub mod reparam;
 
-pub use file::{check_compatible, load_prefix, save_prefix, Positions, PrefixMeta};
+pub use file::{
+    check_compatible, load_prefix, load_prefix_for, load_reparam, save_prefix, save_reparam,
+    Positions, PrefixMeta,
+};
 pub use init::{bank_from_kv, init_from_text};
 pub use peft::{export_peft_adapter, from_peft, import_peft_adapter, to_peft, PeftAdapterConfig};
 pub use reparam::{Reparam, ReparamCache, ReparamGrads};

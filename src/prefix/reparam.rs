@@ -127,6 +127,24 @@ impl<T: Real> Reparam<T> {
         }
     }
 
+    /// The same parameters in another scalar type.
+    pub fn cast<U: Real>(&self) -> Reparam<U> {
+        use crate::reference::real::cast;
+        Reparam {
+            n_layers: self.n_layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            len: self.len,
+            emb_dim: self.emb_dim,
+            hidden: self.hidden,
+            embedding: cast(&self.embedding),
+            w1: cast(&self.w1),
+            b1: cast(&self.b1),
+            w2: cast(&self.w2),
+            b2: cast(&self.b2),
+        }
+    }
+
     /// Output width `2·L·kv_dim`.
     pub fn out_dim(&self) -> usize {
         peft_width(self.n_layers, self.kv_heads, self.head_dim)

@@ -10,6 +10,7 @@
 pub mod assets;
 pub mod cuda;
 pub mod emu;
+pub mod engine;
 pub mod model;
 pub mod optim;
 pub mod prefix;

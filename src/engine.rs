@@ -1,0 +1,202 @@
+//! One interface for "run the frozen model with these prefixes": the loss, the prefix-only
+//! gradient and KV-cache decoding. Training and generation hold a `Box<dyn Engine>` and never
+//! ask which device runs it; [`open_engine`] picks the implementation from a [`Device`].
+//!
+//! Today the only implementation is [`CpuEngine`] (the reference code in f32); the GPU engine
+//! plugs in here later, behind the same trait.
+//!
+//! Every method checks its inputs against the model and returns an error (the reference code
+//! panics on a malformed batch, which is a programming error there but bad input here).
+
+use std::any::Any;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+
+use crate::model::config::{ModelConfig, ModelWeights};
+use crate::prefix::PrefixBank;
+use crate::reference::decode::{decode_step, KvCache};
+use crate::reference::model::{self, check_positions, Batch, LossOutput, RunOptions};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The GPU when its engine is available, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU reference engine.
+    Cpu,
+    /// The GPU engine (CUDA).
+    Cuda,
+}
+
+/// Decoding state of a batch of sequences, owned by the engine that made it (each engine
+/// downcasts its own kind).
+pub trait DecodeCache: Send {
+    /// Number of sequences.
+    fn batch(&self) -> usize;
+    /// Keeps, in order, the sequences `rows` names; repeats copy a sequence (beam search),
+    /// omissions drop one (finished requests).
+    fn reorder(&mut self, rows: &[usize]) -> Result<()>;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// The frozen model with prefixes, on some device.
+pub trait Engine {
+    fn config(&self) -> &ModelConfig;
+    /// One line saying what runs where (for logs).
+    fn describe(&self) -> String;
+    /// The batch's loss; `prefix: None` runs the base model.
+    fn loss(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<LossOutput<f32>>;
+    /// The batch's loss and the gradient of its mean with respect to the prefix bank.
+    fn loss_and_grad(
+        &mut self,
+        prefix: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<(LossOutput<f32>, PrefixBank<f32>)>;
+    /// Starts decoding `prefix_index.len()` sequences; sequence `b` uses prefix
+    /// `prefix_index[b]` of `prefix` (`None`: the base model). The caches' first entries are
+    /// the prefixes.
+    fn begin_decode(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        prefix_index: &[Option<usize>],
+        opts: &RunOptions,
+    ) -> Result<Box<dyn DecodeCache>>;
+    /// Feeds `tokens[b]` (at least one token: a prompt for the prefill, then one token per step)
+    /// to sequence `b` and returns the logits `[B, V]` of each sequence's last new token.
+    fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>>;
+}
+
+/// Checks a batch, a bank and the positions against a model: the errors the reference code
+/// would panic with.
+pub fn check_run(
+    cfg: &ModelConfig,
+    prefix: Option<&PrefixBank<f32>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> Result<()> {
+    let (n_prefixes, len) = match prefix {
+        Some(p) if p.len > 0 => {
+            ensure!(
+                p.n_layers == cfg.n_layers
+                    && p.kv_heads == cfg.n_kv_heads
+                    && p.head_dim == cfg.head_dim,
+                "the prefix is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
+                p.n_layers,
+                p.kv_heads,
+                p.head_dim,
+                cfg.n_layers,
+                cfg.n_kv_heads,
+                cfg.head_dim
+            );
+            ensure!(
+                p.k.len() == p.n_layers
+                    && p.v.len() == p.n_layers
+                    && p.k.iter().chain(&p.v).all(|x| x.len() == p.layer_len()),
+                "prefix bank: layer buffers have the wrong size"
+            );
+            (p.n_prefixes, p.len)
+        }
+        _ => (0, 0),
+    };
+    batch.check(cfg, n_prefixes)?;
+    check_positions(cfg, batch.seq, len, opts.positions)
+}
+
+/// The reference implementation in f32 on the CPU (rayon threads).
+pub struct CpuEngine {
+    weights: Arc<ModelWeights<f32>>,
+}
+
+impl CpuEngine {
+    pub fn new(weights: Arc<ModelWeights<f32>>) -> Self {
+        CpuEngine { weights }
+    }
+}
+
+/// [`CpuEngine`]'s decoding state.
+struct CpuDecodeCache(KvCache<f32>);
+
+impl DecodeCache for CpuDecodeCache {
+    fn batch(&self) -> usize {
+        self.0.batch()
+    }
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        self.0.reorder(rows)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Engine for CpuEngine {
+    fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CPU reference engine (f32, {} threads)",
+            rayon::current_num_threads()
+        )
+    }
+
+    fn loss(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<LossOutput<f32>> {
+        check_run(self.config(), prefix, batch, opts)?;
+        Ok(model::loss(&self.weights, prefix, batch, opts))
+    }
+
+    fn loss_and_grad(
+        &mut self,
+        prefix: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<(LossOutput<f32>, PrefixBank<f32>)> {
+        check_run(self.config(), Some(prefix), batch, opts)?;
+        Ok(model::loss_and_grad(&self.weights, prefix, batch, opts))
+    }
+
+    fn begin_decode(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        prefix_index: &[Option<usize>],
+        opts: &RunOptions,
+    ) -> Result<Box<dyn DecodeCache>> {
+        let cache = KvCache::new(self.config(), prefix, prefix_index, opts.positions)?;
+        Ok(Box::new(CpuDecodeCache(cache)))
+    }
+
+    fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let Some(cache) = cache.as_any_mut().downcast_mut::<CpuDecodeCache>() else {
+            bail!("decode: this cache was made by another engine");
+        };
+        decode_step(&self.weights, &mut cache.0, tokens)
+    }
+}
+
+/// The engine for `device`: `auto` and `cpu` give the CPU engine while no GPU engine exists;
+/// `cuda` says why it cannot run (no GPU, or the GPU engine is not built yet).
+pub fn open_engine(weights: Arc<ModelWeights<f32>>, device: Device) -> Result<Box<dyn Engine>> {
+    match device {
+        Device::Auto | Device::Cpu => Ok(Box::new(CpuEngine::new(weights))),
+        Device::Cuda => match crate::cuda::gpu_available() {
+            Err(e) => bail!("--device cuda: no usable GPU: {e}"),
+            Ok(gpu) => bail!(
+                "--device cuda: the GPU engine is not built yet (found {gpu}); \
+                 use --device cpu or --device auto"
+            ),
+        },
+    }
+}

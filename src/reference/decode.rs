@@ -1,0 +1,325 @@
+//! KV-cache decoding on the CPU: prefill and one-token steps for a batch of sequences, each with
+//! its own key/value cache, built from the layer functions of [`super::layers`].
+//!
+//! Cache layout, per sequence and per layer: keys (after RoPE) and values `[Hkv, len, D]`, whose
+//! first `P` entries are the sequence's prefix (its entry of a prefix bank, or nothing) and the
+//! rest the real tokens seen so far. A step appends new tokens to each sequence (any number, at
+//! least one: a whole prompt for the prefill, one token when decoding) and returns the logits of
+//! each sequence's last new token. Positions follow [`Positions`]: the `i`-th real token sits at
+//! `P + i` (after-prefix) or `i` (from-zero).
+//!
+//! The token-wise work (norms, projections, MLP, head) runs on all sequences' new tokens at once;
+//! attention runs per sequence, with the cache playing the part of the always-visible prefix in
+//! [`attention::forward`] and the new tokens causal among themselves, so the math is exactly the
+//! full-sequence forward's.
+
+use anyhow::{bail, ensure, Result};
+
+use super::attention::{self, AttnInputs, AttnShape};
+use super::layers::{
+    embedding_forward, heads_to_rows, linear_forward, mlp_block_forward, norm_forward,
+    rope_forward, rows_to_heads, Rope,
+};
+use super::model::Positions;
+use super::real::{matmul, Real, Trans};
+use crate::model::config::{Arch, ModelConfig, ModelWeights};
+use crate::prefix::PrefixBank;
+
+/// One sequence's cache.
+#[derive(Clone, Debug, PartialEq)]
+struct SeqCache<T> {
+    /// Prefix entries at the front of the cache (P, or 0 without a prefix).
+    prefix_len: usize,
+    /// Real tokens cached so far.
+    tokens: usize,
+    /// Per layer, keys `[Hkv, prefix_len + tokens, D]` (after RoPE).
+    k: Vec<Vec<T>>,
+    /// Per layer, values `[Hkv, prefix_len + tokens, D]`.
+    v: Vec<Vec<T>>,
+}
+
+impl<T: Real> SeqCache<T> {
+    fn len(&self) -> usize {
+        self.prefix_len + self.tokens
+    }
+}
+
+/// Key/value caches of a batch of sequences being decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache<T> {
+    n_layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    positions: Positions,
+    seqs: Vec<SeqCache<T>>,
+}
+
+impl<T: Real> KvCache<T> {
+    /// Empty caches for `prefix_index.len()` sequences: sequence `b` starts with prefix
+    /// `prefix_index[b]` of `bank` (`None`: no prefix). Errors when the bank does not fit the
+    /// model or an index is out of range.
+    pub fn new(
+        cfg: &ModelConfig,
+        bank: Option<&PrefixBank<T>>,
+        prefix_index: &[Option<usize>],
+        positions: Positions,
+    ) -> Result<Self> {
+        let (hkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
+        if let Some(p) = bank {
+            ensure!(
+                p.n_layers == cfg.n_layers && p.kv_heads == hkv && p.head_dim == hd,
+                "prefix bank is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
+                p.n_layers,
+                p.kv_heads,
+                p.head_dim,
+                cfg.n_layers,
+                hkv,
+                hd
+            );
+            ensure!(
+                p.k.len() == p.n_layers
+                    && p.v.len() == p.n_layers
+                    && p.k.iter().chain(&p.v).all(|x| x.len() == p.layer_len()),
+                "prefix bank: layer buffers have the wrong size"
+            );
+        }
+        let mut seqs = Vec::with_capacity(prefix_index.len());
+        for (b, idx) in prefix_index.iter().enumerate() {
+            let seq = match (*idx, bank) {
+                (None, _) => SeqCache {
+                    prefix_len: 0,
+                    tokens: 0,
+                    k: vec![Vec::new(); cfg.n_layers],
+                    v: vec![Vec::new(); cfg.n_layers],
+                },
+                (Some(i), None) => {
+                    bail!("sequence {b} asks for prefix {i} but no prefix was given")
+                }
+                (Some(i), Some(p)) => {
+                    ensure!(
+                        i < p.n_prefixes,
+                        "sequence {b} asks for prefix {i} but the bank holds {}",
+                        p.n_prefixes
+                    );
+                    let per = p.prefix_len_elems();
+                    let part = |x: &Vec<T>| x[i * per..(i + 1) * per].to_vec();
+                    SeqCache {
+                        prefix_len: p.len,
+                        tokens: 0,
+                        k: p.k.iter().map(part).collect(),
+                        v: p.v.iter().map(part).collect(),
+                    }
+                }
+            };
+            seqs.push(seq);
+        }
+        Ok(KvCache {
+            n_layers: cfg.n_layers,
+            kv_heads: hkv,
+            head_dim: hd,
+            positions,
+            seqs,
+        })
+    }
+
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Real tokens cached for sequence `b`.
+    pub fn tokens(&self, b: usize) -> usize {
+        self.seqs[b].tokens
+    }
+
+    /// Prefix entries at the front of sequence `b`'s cache.
+    pub fn prefix_len(&self, b: usize) -> usize {
+        self.seqs[b].prefix_len
+    }
+
+    /// Keeps, in order, the sequences `rows` name (repeats copy a sequence: beam search's
+    /// reordering; a shorter list drops finished sequences).
+    pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.seqs.len()) {
+            bail!(
+                "reorder: row {r} of a cache of {} sequences",
+                self.seqs.len()
+            );
+        }
+        self.seqs = rows.iter().map(|&r| self.seqs[r].clone()).collect();
+        Ok(())
+    }
+
+    /// Position of the next real token of sequence `b`.
+    fn next_position(&self, b: usize) -> usize {
+        let s = &self.seqs[b];
+        match self.positions {
+            Positions::AfterPrefix => s.prefix_len + s.tokens,
+            Positions::FromZero => s.tokens,
+        }
+    }
+}
+
+/// `[Hkv, a, D] ++ [Hkv, n, D]` along the token axis.
+fn append_tokens<T: Real>(old: &[T], new: &[T], heads: usize, hd: usize) -> Vec<T> {
+    let (a, n) = (
+        old.len() / (heads * hd).max(1),
+        new.len() / (heads * hd).max(1),
+    );
+    let mut out = Vec::with_capacity(old.len() + new.len());
+    for h in 0..heads {
+        out.extend_from_slice(&old[h * a * hd..(h + 1) * a * hd]);
+        out.extend_from_slice(&new[h * n * hd..(h + 1) * n * hd]);
+    }
+    out
+}
+
+/// Appends `tokens[b]` to every sequence `b` of the cache and returns the logits `[B, V]` of
+/// each sequence's last new token.
+pub fn decode_step<T: Real>(
+    m: &ModelWeights<T>,
+    cache: &mut KvCache<T>,
+    tokens: &[Vec<u32>],
+) -> Result<Vec<T>> {
+    let cfg = &m.config;
+    let (d, hd, hq, hkv) = (cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+    ensure!(
+        (cache.n_layers, cache.kv_heads, cache.head_dim) == (cfg.n_layers, hkv, hd),
+        "decode: the cache was made for another model shape"
+    );
+    ensure!(
+        tokens.len() == cache.batch(),
+        "decode: {} token lists for {} sequences",
+        tokens.len(),
+        cache.batch()
+    );
+    let mut positions = Vec::new();
+    let mut starts = Vec::with_capacity(tokens.len() + 1);
+    for (b, t) in tokens.iter().enumerate() {
+        ensure!(!t.is_empty(), "decode: sequence {b} has no new token");
+        if let Some(&bad) = t.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+            bail!(
+                "decode: token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        let p0 = cache.next_position(b);
+        if cfg.arch == Arch::Gpt2 && p0 + t.len() > cfg.max_positions {
+            bail!(
+                "GPT-2 has {} learned positions; sequence {b} would need {} \
+                 (prefix {}, {} tokens so far, {} new)",
+                cfg.max_positions,
+                p0 + t.len(),
+                cache.seqs[b].prefix_len,
+                cache.seqs[b].tokens,
+                t.len()
+            );
+        }
+        starts.push(positions.len());
+        positions.extend(p0..p0 + t.len());
+    }
+    starts.push(positions.len());
+    let all: Vec<u32> = tokens.iter().flatten().copied().collect();
+    let rows = all.len();
+
+    let mut x = match (cfg.arch, m.pos_emb.as_deref()) {
+        (Arch::Gpt2, Some(pe)) => embedding_forward(&all, &m.tok_emb, d, Some((pe, &positions))),
+        (Arch::Gpt2, None) => bail!("GPT-2 model without position embeddings"),
+        (Arch::Llama, _) => embedding_forward(&all, &m.tok_emb, d, None),
+    };
+    let ropes: Vec<Option<Rope<T>>> = (0..tokens.len())
+        .map(|b| {
+            (cfg.arch == Arch::Llama)
+                .then(|| Rope::new(hd, cfg.rope_theta, &positions[starts[b]..starts[b + 1]]))
+        })
+        .collect();
+    let scale = T::of(1.0 / (hd as f64).sqrt());
+
+    for (l, lw) in m.layers.iter().enumerate() {
+        let (h, _) = norm_forward(
+            cfg.arch,
+            &x,
+            &lw.attn_norm_w,
+            lw.attn_norm_b.as_deref(),
+            d,
+            cfg.norm_eps,
+        );
+        let q = linear_forward(&h, &lw.wq, lw.bq.as_deref(), d, cfg.q_dim());
+        let k = linear_forward(&h, &lw.wk, lw.bk.as_deref(), d, cfg.kv_dim());
+        let v = linear_forward(&h, &lw.wv, lw.bv.as_deref(), d, cfg.kv_dim());
+        drop(h);
+        let mut o_rows = vec![T::zero(); rows * cfg.q_dim()];
+        for (b, seq) in cache.seqs.iter_mut().enumerate() {
+            let (r0, n) = (starts[b], starts[b + 1] - starts[b]);
+            let rows_of = |a: &[T], w: usize| a[r0 * w..(r0 + n) * w].to_vec();
+            let mut qb = rows_to_heads(&rows_of(&q, cfg.q_dim()), 1, n, hq, hd);
+            let mut kb = rows_to_heads(&rows_of(&k, cfg.kv_dim()), 1, n, hkv, hd);
+            let vb = rows_to_heads(&rows_of(&v, cfg.kv_dim()), 1, n, hkv, hd);
+            if let Some(rope) = &ropes[b] {
+                rope_forward(&mut qb, hq, n, rope);
+                rope_forward(&mut kb, hkv, n, rope);
+            }
+            let past = seq.len();
+            let shape = AttnShape {
+                batch: 1,
+                q_heads: hq,
+                kv_heads: hkv,
+                seq: n,
+                prefix: past,
+                head_dim: hd,
+                n_prefixes: 1,
+            };
+            let inputs = AttnInputs {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+                prefix_k: &seq.k[l],
+                prefix_v: &seq.v[l],
+                prefix_index: &[0],
+                valid_len: &[n],
+                scale,
+            };
+            let (o, _lse) = attention::forward(&shape, &inputs);
+            o_rows[r0 * cfg.q_dim()..(r0 + n) * cfg.q_dim()]
+                .copy_from_slice(&heads_to_rows(&o, 1, n, hq, hd));
+            seq.k[l] = append_tokens(&seq.k[l], &kb, hkv, hd);
+            seq.v[l] = append_tokens(&seq.v[l], &vb, hkv, hd);
+        }
+        let mut y = linear_forward(&o_rows, &lw.wo, lw.bo.as_deref(), cfg.q_dim(), d);
+        y.iter_mut().zip(&x).for_each(|(y, &x)| *y += x);
+        x = mlp_block_forward(cfg, lw, &y).0;
+    }
+    for (b, seq) in cache.seqs.iter_mut().enumerate() {
+        seq.tokens += starts[b + 1] - starts[b];
+    }
+
+    // Final norm and head on each sequence's last new token only.
+    let last: Vec<T> = (0..tokens.len())
+        .flat_map(|b| {
+            let r = starts[b + 1] - 1;
+            x[r * d..(r + 1) * d].to_vec()
+        })
+        .collect();
+    let (h, _) = norm_forward(
+        cfg.arch,
+        &last,
+        &m.final_norm_w,
+        m.final_norm_b.as_deref(),
+        d,
+        cfg.norm_eps,
+    );
+    let vocab = cfg.vocab_size;
+    let mut logits = vec![T::zero(); tokens.len() * vocab];
+    matmul(
+        tokens.len(),
+        vocab,
+        d,
+        &h,
+        Trans::No,
+        m.head(),
+        Trans::Yes,
+        &mut logits,
+        false,
+    );
+    Ok(logits)
+}

@@ -560,14 +560,21 @@ pub fn cross_entropy_in_place<T: Real>(
                 }
                 return T::zero();
             };
-            let lse = log_sum_exp(z);
-            let loss = T::of(lse - z[t as usize].f64());
-            if let Some(scale) = scale {
-                let lse = T::of(lse);
-                z.iter_mut().for_each(|v| *v = scale * (*v - lse).exp());
-                z[t as usize] -= scale;
+            let t = t as usize;
+            let Some(scale) = scale else {
+                return T::of(log_sum_exp(z) - z[t].f64());
+            };
+            // One pass of exponentials serves both the loss and softmax(z) = e / Σe.
+            let (m, zt) = (z.iter().copied().fold(T::neg_infinity(), T::max), z[t]);
+            let mut sum = 0.0f64;
+            for v in z.iter_mut() {
+                *v = (*v - m).exp();
+                sum += v.f64();
             }
-            loss
+            let k = scale / T::of(sum);
+            z.iter_mut().for_each(|v| *v *= k);
+            z[t] -= scale;
+            T::of(m.f64() + sum.ln() - zt.f64())
         })
         .collect()
 }

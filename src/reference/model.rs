@@ -53,7 +53,8 @@ pub struct Batch {
 impl Batch {
     /// Builds a batch from `(input, target)` token pairs: each sequence is
     /// `input ++ target (++ eos)`, right-padded with `pad_id`; the positions that predict a target
-    /// token (or the eos) carry labels, the input's do not. All sequences use prefix 0.
+    /// token (or the eos) carry labels, the input's do not (with an empty input the first target
+    /// token has no position before it and is not predicted). All sequences use prefix 0.
     pub fn from_pairs<I: AsRef<[u32]>, O: AsRef<[u32]>>(
         pairs: &[(I, O)],
         eos: Option<u32>,

@@ -57,12 +57,14 @@ fn main() {
     let modules = match &found {
         Some(nvcc) => build_kernels(nvcc, &kernels_dir, &out_dir, require),
         None => {
-            let msg = "nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, or the \
-                       toolchain from scripts/setup): building CPU only, without CUDA kernels. \
-                       Run `bash scripts/setup` (installs CUDA 13.0 nvcc into the cache) and rebuild.";
+            let missing = "nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, or the \
+                           toolchain from scripts/setup)";
+            let how = "Run `bash scripts/setup` (installs the CUDA 13.0 nvcc into the cache) and \
+                       rebuild.";
             if require {
-                panic!("PREFIX_TUNE_REQUIRE_KERNELS=1: {msg}");
+                panic!("PREFIX_TUNE_REQUIRE_KERNELS=1 but {missing}. {how}");
             }
+            let msg = format!("{missing}: building CPU only, without CUDA kernels. {how}");
             println!("cargo:warning={msg}");
             Vec::new()
         }

@@ -10,6 +10,9 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -68,6 +71,7 @@ struct Block {
     Barrier bar;
     std::vector<Warp> warps;
     unsigned char *smem = nullptr;
+    size_t smem_bytes = 0;
 };
 
 struct ThreadState {
@@ -78,6 +82,20 @@ struct ThreadState {
 };
 
 inline thread_local ThreadState tls;
+
+[[noreturn]] inline void fail(const char *what, const void *addr) {
+    std::fprintf(stderr, "prefix-tune host emulation: %s (address %p, block %p + %zu bytes)\n", what,
+                 addr, static_cast<void *>(tls.block->smem), tls.block->smem_bytes);
+    std::abort();
+}
+
+// What the hardware requires of a shared-memory operand of `bytes` bytes: 16-byte alignment (for
+// ldmatrix rows and cp.async) and lying inside the block's dynamic shared memory.
+inline void check_smem(const void *addr, size_t bytes, const char *op) {
+    const auto *p = static_cast<const unsigned char *>(addr);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(op, addr);
+    if (p < tls.block->smem || p + bytes > tls.block->smem + tls.block->smem_bytes) fail(op, addr);
+}
 
 } // namespace pt_emu
 
@@ -101,6 +119,7 @@ inline void launch(Dim3 grid, unsigned threads, size_t smem_bytes, const std::fu
     std::memset(smem.data(), 0x7f, smem.size() * sizeof(uint4));
     Block block(threads);
     block.smem = reinterpret_cast<unsigned char *>(smem.data());
+    block.smem_bytes = smem_bytes;
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned tid = 0; tid < threads; ++tid) {

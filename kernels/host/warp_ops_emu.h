@@ -66,6 +66,7 @@ inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], cons
 // ldmatrix.x4: lane l reads, for matrix i, row l/4 (whose address lane 8i + l/4 gave),
 // columns 2(l%4) and 2(l%4)+1.
 inline void ldmatrix_x4(uint32_t r[4], const void *row) {
+    pt_emu::check_smem(row, 16, "ldmatrix row address not 16-byte aligned or outside shared memory");
     const void *const *addrs = emu_detail::exchange_addr(row);
     const unsigned lane = pt_emu::tls.lane;
     for (unsigned i = 0; i < 4; ++i) {
@@ -77,6 +78,7 @@ inline void ldmatrix_x4(uint32_t r[4], const void *row) {
 
 // .trans: lane l receives elements (row 2(l%4), col l/4) and (row 2(l%4)+1, col l/4) of matrix i.
 inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) {
+    pt_emu::check_smem(row, 16, "ldmatrix.trans row address not 16-byte aligned or outside shared memory");
     const void *const *addrs = emu_detail::exchange_addr(row);
     const unsigned lane = pt_emu::tls.lane;
     for (unsigned i = 0; i < 4; ++i) {
@@ -89,6 +91,9 @@ inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) {
 // cp.async completes at once on the host (a valid schedule of the asynchronous copy: kernels
 // must never read a buffer before its wait + barrier, nor refill one still being read).
 inline void cp_async_16(void *dst, const void *src, bool valid) {
+    pt_emu::check_smem(dst, 16, "cp.async destination not 16-byte aligned or outside shared memory");
+    if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        pt_emu::fail("cp.async global source not 16-byte aligned", src);
     if (valid)
         std::memcpy(dst, src, 16);
     else

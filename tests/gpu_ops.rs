@@ -206,6 +206,7 @@ fn convert_f16_to_f32_widens_and_scales() {
 }
 
 /// AdamW step `t` in f64 from the f32 state, with the gradient scaled by `gs` (f32, as the kernel).
+#[allow(clippy::too_many_arguments)]
 fn adamw_f64(
     c: &AdamWConfig,
     t: u64,

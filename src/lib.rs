@@ -11,6 +11,7 @@ pub mod assets;
 pub mod cuda;
 pub mod emu;
 pub mod engine;
+pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod prefix;

@@ -1590,6 +1590,20 @@ fn hf_inconsistent_directories_are_refused() {
         assert!(e.contains(needle), "{bad}: {e}");
     }
 
+    // Absurd sizes are refused before anything is allocated from them.
+    for (key, v) in [
+        ("vocab_size", json!(1u64 << 30)),
+        ("num_hidden_layers", json!(1u64 << 40)),
+        ("intermediate_size", json!(0)),
+    ] {
+        let dir = good_llama_dir(60, 1);
+        let mut c = llama_config(false, true);
+        c[key] = v;
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let e = dir_must_fail(dir.path(), "config.json");
+        assert!(e.contains(key) || e.contains("vocab_size"), "{key}: {e}");
+    }
+
     // Sharded: a missing shard, a shard name escaping the directory, an index without weight_map.
     let dir = good_llama_dir(61, 2);
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
@@ -1616,4 +1630,42 @@ fn hf_inconsistent_directories_are_refused() {
     std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": 5}").unwrap();
     dir_must_fail(dir.path(), "tokenizer.json");
     dir_must_fail(&dir.path().join("nope"), "nope");
+}
+
+#[test]
+fn transformers_saved_fixture_dirs_load() {
+    // Directories written by transformers' save_pretrained (tools/oracle/make_fixtures.py).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (name, arch, tied) in [
+        ("gpt2_tiny", Arch::Gpt2, true),
+        ("llama_tiny", Arch::Llama, false),
+    ] {
+        let dir = root.join(name);
+        if !dir.join("config.json").is_file() {
+            eprintln!("SKIPPED: {} absent", dir.display());
+            continue;
+        }
+        let m = load_model(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let c = &m.weights.config;
+        assert_eq!(c.arch, arch, "{name}");
+        assert_eq!((c.d_model, c.vocab_size, c.n_layers), (48, 97, 2), "{name}");
+        assert_eq!(c.tied_embeddings, tied, "{name}");
+        assert_eq!(m.weights.lm_head.is_none(), tied, "{name}");
+        if arch == Arch::Llama {
+            assert_eq!(
+                (c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta),
+                (6, 2, 8, 25000.0)
+            );
+        }
+        assert!(
+            m.weights.tok_emb.iter().all(|x| x.is_finite())
+                && m.weights.tok_emb.iter().any(|&x| x != 0.0)
+        );
+        assert!(m.tokenizer.vocab_size() <= c.vocab_size);
+        let ids = m.tokenizer.encode("hello world").unwrap();
+        assert!(
+            !ids.is_empty() && ids.iter().all(|&i| (i as usize) < c.vocab_size),
+            "{name}: {ids:?}"
+        );
+    }
 }

@@ -874,7 +874,7 @@ impl GgufFile {
                 }
             }
         }
-        Ok(ModelConfig {
+        let config = ModelConfig {
             arch: Arch::Llama,
             vocab_size,
             d_model,
@@ -889,7 +889,9 @@ impl GgufFile {
             tied_embeddings: self.header.tensor("output.weight").is_none(),
             bos_token_id,
             eos_token_ids,
-        })
+        };
+        super::load::check_config_sizes(&config, &file)?;
+        Ok(config)
     }
 
     /// Check a tensor's shape against the config before dequantizing it, then dequantize it.

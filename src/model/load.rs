@@ -52,6 +52,42 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// Largest accepted size of any one model dimension (layers, heads, widths, vocabulary,
+/// positions): keeps every product of two of them far from overflowing.
+pub const MAX_DIM: usize = 1 << 24;
+
+/// Refuse a configuration with a zero or absurd size before anything is allocated from it.
+pub(crate) fn check_config_sizes(c: &super::config::ModelConfig, file: &str) -> Result<()> {
+    for (name, v) in [
+        ("vocab_size", c.vocab_size),
+        ("d_model", c.d_model),
+        ("n_layers", c.n_layers),
+        ("n_heads", c.n_heads),
+        ("n_kv_heads", c.n_kv_heads),
+        ("head_dim", c.head_dim),
+        ("d_ff", c.d_ff),
+        ("max_positions", c.max_positions),
+    ] {
+        if v == 0 || v > MAX_DIM {
+            bail!("{file}: {name} = {v} is out of range (1..={MAX_DIM})");
+        }
+    }
+    if c.n_heads % c.n_kv_heads != 0 {
+        bail!(
+            "{file}: {} heads are not a multiple of {} key/value heads",
+            c.n_heads,
+            c.n_kv_heads
+        );
+    }
+    Ok(())
+}
+
+// Loaded models are shared across threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<LoadedModel>();
+};
+
 /// Values hashed per parallel task; fixed so the result does not depend on the thread count.
 const HASH_CHUNK: usize = 1 << 16;
 

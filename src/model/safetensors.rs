@@ -375,6 +375,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             }
         }
     };
+    super::load::check_config_sizes(&cfg, &c.file)?;
     Ok(cfg)
 }
 

@@ -86,6 +86,14 @@ fn config_sizes() {
     assert!((134_000_000..135_000_000).contains(&n), "n_params {n}");
 }
 
+/// Whether SmolLM2's "split every numeral" rule can change GPT-2 regex pre-tokenization of `text`.
+fn digit_rule_matters(text: &str) -> bool {
+    let c: Vec<char> = text.chars().collect();
+    c.iter().any(|ch| ch.is_numeric() && !ch.is_ascii_digit())
+        || c.windows(3)
+            .any(|w| w[0].is_whitespace() && w[1].is_whitespace() && w[2].is_numeric())
+}
+
 #[test]
 fn tokenizer_matches_transformers() {
     let Some(m) = smollm2() else { return };
@@ -102,24 +110,33 @@ fn tokenizer_matches_transformers() {
     assert_eq!(t.add_bos(), fx["add_bos_token"].as_bool().unwrap());
     assert_eq!(t.vocab_size() as u64, fx["vocab_size"].as_u64().unwrap());
     let samples = fx["samples"].as_array().unwrap();
-    let mut agree_with_hf_gguf = 0;
+    let mut differ = 0;
     for s in samples {
         let text = s["text"].as_str().unwrap();
         let got = t.encode(text).unwrap();
         // The file's pre-tokenizer ("smollm": digits one by one, then GPT-2's byte-level regex).
         assert_eq!(got, ids(&s["smollm_pretok"]), "tokens of {text:?}");
-        if got == ids(&s["hf_gguf"]) {
-            agree_with_hf_gguf += 1;
+        // transformers' GGUF loader has no "smollm" entry and splits with GPT-2's regex alone. The
+        // two can only disagree where splitting off a numeral changes what the regex sees: at a
+        // non-ASCII numeral (½, ①, ...) or at whitespace runs right before a numeral ("\r\n4").
+        if got != ids(&s["hf_gguf"]) {
+            differ += 1;
+            assert!(
+                digit_rule_matters(text),
+                "{text:?}: differs from transformers ({:?}) where the digit rule cannot explain it",
+                ids(&s["hf_gguf"])
+            );
         }
         // Byte-level BPE round-trips any text.
         assert_eq!(t.decode(&got).unwrap(), text, "decode(encode({text:?}))");
     }
-    // transformers' GGUF loader ignores the "smollm" digit rule; that only shows on non-ASCII
-    // numerals (one sample), so all the others must match it exactly.
-    assert!(
-        agree_with_hf_gguf >= samples.len() - 1,
-        "{agree_with_hf_gguf}/{} agree with transformers",
+    eprintln!(
+        "{} samples; {differ} differ from transformers' GGUF tokenizer, all where the digit rule applies",
         samples.len()
+    );
+    assert!(
+        differ * 10 < samples.len(),
+        "too many samples differ from transformers: {differ}"
     );
 }
 

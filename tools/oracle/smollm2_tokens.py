@@ -15,6 +15,7 @@ For each sample text it records two id lists:
 """
 import json
 import os
+import random
 import sys
 
 from tokenizers import Tokenizer, pre_tokenizers
@@ -43,6 +44,16 @@ SAMPLES = [
     " ",
     "\n",
 ]
+
+# Seeded random strings over a mixed pool (ASCII, digits, whitespace, accents, CJK, emoji,
+# non-ASCII numerals, special tokens).
+rng = random.Random(20261126)
+POOL = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") * 3 + list("0123456789") * 3
+        + list(" \t\n.,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`") * 2 + list("éèàüößçñøå") + list("日本語中文한국어")
+        + ["😀", "👍🏽", "🚀", "½", "²", "①", "٣", "Ⅻ", "\u00a0", "\u200b", "<|im_start|>", "<|im_end|>",
+           "<|endoftext|>", "  ", "\r\n", "'s", "'ll", " the", " and", "ing"])
+for _ in range(40):
+    SAMPLES.append("".join(rng.choice(POOL) for _ in range(rng.randint(1, 40))))
 
 tok = AutoTokenizer.from_pretrained(models, gguf_file=name)
 backend = tok.backend_tokenizer

@@ -60,6 +60,13 @@ pub fn attn_params(s: &AttnShape, scale: f32, deterministic: bool) -> Result<pt_
     {
         bail!("prefix attention shape too large: {s:?}");
     }
+    // grid.y of the launches is B*Hq (forward, dQ) or B*Hkv (dK/dV): at most 65535.
+    if s.batch * s.q_heads > 65535 {
+        bail!(
+            "batch x query heads = {} exceeds the kernels' grid limit of 65535",
+            s.batch * s.q_heads
+        );
+    }
     if !scale.is_finite() {
         bail!("softmax scale must be finite, got {scale}");
     }

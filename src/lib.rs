@@ -8,11 +8,16 @@
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
 pub mod assets;
+pub mod cli;
+pub mod checkpoint;
 pub mod cuda;
+pub mod data;
 pub mod emu;
 pub mod engine;
 pub mod generate;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod prefix;
 pub mod reference;
+pub mod train;

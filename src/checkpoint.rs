@@ -1,0 +1,212 @@
+//! Training checkpoints: everything needed to continue a run bit for bit.
+//!
+//! A checkpoint is a directory (`<out>/checkpoint/`) holding
+//! - `trainer.safetensors`: the trainable parameters as one flat f32 tensor `params`, the
+//!   optimizer's moment tensors (`opt.m`, `opt.v` for AdamW; `opt.buf` for SGD with momentum),
+//!   and in the header metadata `trainer_state` (the trainer's JSON state: step, data position,
+//!   RNG seed, history, arguments) and `optimizer` (the optimizer's kind, hyperparameters and
+//!   step count, as JSON without the moments);
+//! - `prefix.safetensors`: the prefix as it stands (folded when reparameterized), an ordinary
+//!   prefix file that `eval`/`generate` accept;
+//! - `reparam.safetensors` when training through the reparameterization.
+//!
+//! Writing is atomic at the directory level: everything goes to `checkpoint.tmp/`, the old
+//! checkpoint is renamed `checkpoint.old/`, the new one renamed into place, then the old one is
+//! removed. [`load_checkpoint`] falls back to `checkpoint.old/` when a crash left no
+//! `checkpoint/`. Each file is itself written to a temporary name and renamed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::optim::Optimizer;
+use crate::prefix::{save_prefix, save_reparam, PrefixBank, PrefixMeta, Reparam};
+
+/// The checkpoint directory's name inside a training output directory.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+const TRAINER_FILE: &str = "trainer.safetensors";
+
+/// A restored checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint<S> {
+    pub state: S,
+    /// The flat trainable parameters.
+    pub params: Vec<f32>,
+    pub optimizer: Optimizer,
+    /// The directory it was read from.
+    pub dir: PathBuf,
+}
+
+/// What to write besides the trainer state.
+pub struct CheckpointParts<'a> {
+    pub params: &'a [f32],
+    pub optimizer: &'a Optimizer,
+    /// The current prefix (folded when reparameterized) and its metadata.
+    pub prefix: &'a PrefixBank<f32>,
+    pub meta: &'a PrefixMeta,
+    pub reparam: Option<&'a Reparam<f32>>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes a checkpoint of `state` and `parts` into `<out>/checkpoint/` atomically.
+pub fn save_checkpoint<S: Serialize>(out: &Path, state: &S, parts: &CheckpointParts) -> Result<()> {
+    let final_dir = out.join(CHECKPOINT_DIR);
+    let tmp = out.join(format!("{CHECKPOINT_DIR}.tmp"));
+    let old = out.join(format!("{CHECKPOINT_DIR}.old"));
+    let what = || format!("writing checkpoint {}", final_dir.display());
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing a stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        // Optimizer: JSON without the moments, moments as tensors.
+        let mut light = parts.optimizer.clone();
+        let mut tensors: Vec<(String, Vec<f32>)> = vec![("params".into(), parts.params.to_vec())];
+        match &mut light {
+            Optimizer::AdamW(a) => {
+                tensors.push(("opt.m".into(), std::mem::take(&mut a.m)));
+                tensors.push(("opt.v".into(), std::mem::take(&mut a.v)));
+            }
+            Optimizer::Sgd(s) => {
+                if !s.buf.is_empty() {
+                    tensors.push(("opt.buf".into(), std::mem::take(&mut s.buf)));
+                }
+            }
+        }
+        if let Some(i) = tensors
+            .iter()
+            .position(|(_, v)| v.iter().any(|x| !x.is_finite()))
+        {
+            bail!("`{}` holds non-finite values", tensors[i].0);
+        }
+        let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+            .iter()
+            .map(|(n, v)| (n.clone(), f32_bytes(v), v.len()))
+            .collect();
+        let mut views = Vec::new();
+        for (n, b, len) in &bytes {
+            views.push((n.clone(), TensorView::new(Dtype::F32, vec![*len], b)?));
+        }
+        let info = HashMap::from([
+            ("trainer_state".to_string(), serde_json::to_string(state)?),
+            ("optimizer".to_string(), serde_json::to_string(&light)?),
+        ]);
+        let data = safetensors::serialize(views, Some(info))?;
+        crate::prefix::file::write_atomic(&tmp.join(TRAINER_FILE), &data)?;
+        save_prefix(&tmp.join("prefix.safetensors"), parts.prefix, parts.meta)?;
+        if let Some(r) = parts.reparam {
+            save_reparam(&tmp.join("reparam.safetensors"), r)?;
+        }
+        // Swap directories.
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        if final_dir.exists() {
+            std::fs::rename(&final_dir, &old)
+                .with_context(|| format!("renaming {} aside", final_dir.display()))?;
+        }
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        if old.exists() {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.with_context(what)
+}
+
+/// The checkpoint directory of a training output directory (or the checkpoint directory itself),
+/// falling back to the `.old` copy an interrupted swap left.
+pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if dir.join(TRAINER_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    for name in [CHECKPOINT_DIR.to_string(), format!("{CHECKPOINT_DIR}.old")] {
+        let d = dir.join(name);
+        if d.join(TRAINER_FILE).is_file() {
+            return Ok(d);
+        }
+    }
+    if !dir.exists() {
+        bail!("--resume {}: no such directory", dir.display());
+    }
+    bail!(
+        "--resume {}: no checkpoint there (expected {}/{TRAINER_FILE}; checkpoints are written every --save-every steps and at the end)",
+        dir.display(),
+        dir.join(CHECKPOINT_DIR).display()
+    )
+}
+
+/// Reads a checkpoint from a training output directory (or a checkpoint directory).
+pub fn load_checkpoint<S: DeserializeOwned>(dir: &Path) -> Result<Checkpoint<S>> {
+    let ck = find_checkpoint(dir)?;
+    let path = ck.join(TRAINER_FILE);
+    let what = || format!("reading checkpoint {}", path.display());
+    let bytes = std::fs::read(&path).with_context(what)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(what)?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .with_context(|| format!("{}: no metadata", path.display()))?;
+    let get = |k: &str| {
+        meta.get(k)
+            .with_context(|| format!("{}: metadata `{k}` is missing", path.display()))
+    };
+    let state: S = serde_json::from_str(get("trainer_state")?)
+        .with_context(|| format!("{}: unreadable trainer state", path.display()))?;
+    let mut optimizer: Optimizer = serde_json::from_str(get("optimizer")?)
+        .with_context(|| format!("{}: unreadable optimizer state", path.display()))?;
+    let tensor = |name: &str| -> Result<Option<Vec<f32>>> {
+        let Ok(view) = st.tensor(name) else {
+            return Ok(None);
+        };
+        if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
+            bail!(
+                "{}: tensor `{name}` is {:?} {:?}, expected a flat F32 tensor",
+                path.display(),
+                view.dtype(),
+                view.shape()
+            );
+        }
+        Ok(Some(
+            view.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
+    };
+    let params = tensor("params")?
+        .with_context(|| format!("{}: tensor `params` is missing", path.display()))?;
+    match &mut optimizer {
+        Optimizer::AdamW(a) => {
+            a.m = tensor("opt.m")?
+                .with_context(|| format!("{}: tensor `opt.m` is missing", path.display()))?;
+            a.v = tensor("opt.v")?
+                .with_context(|| format!("{}: tensor `opt.v` is missing", path.display()))?;
+        }
+        Optimizer::Sgd(s) => s.buf = tensor("opt.buf")?.unwrap_or_default(),
+    }
+    optimizer
+        .check_len(params.len())
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(Checkpoint {
+        state,
+        params,
+        optimizer,
+        dir: ck,
+    })
+}

@@ -8,6 +8,7 @@
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
 pub mod assets;
+pub mod cli;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;

@@ -1,3 +1,5 @@
-fn main() {
-    println!("prefix-tune: under construction");
+//! The `prefix-tune` binary: everything lives in [`prefix_tune::cli`].
+
+fn main() -> std::process::ExitCode {
+    prefix_tune::cli::main()
 }

@@ -11,7 +11,8 @@ For each sample text it records two id lists:
   - "smollm_pretok": the same tokenizer with the pre-tokenizer the file's `tokenizer.ggml.pre = smollm`
     names (Digits(individual_digits=True) then ByteLevel, as SmolLM2's own tokenizer.json and
     llama.cpp do). transformers' GGUF loader has no entry for "smollm" and uses plain ByteLevel, which
-    differs only on non-ASCII numerals such as "½" or "①".
+    differs only where splitting off numerals changes what GPT-2's regex sees: non-ASCII numerals
+    such as "½" or "①", and whitespace runs right before a numeral ("\r\n4", "  7").
 """
 import json
 import os

@@ -96,12 +96,12 @@ pub fn load_model_arg(path: &Path) -> Result<LoadedModel> {
     let m = load_model(path).with_context(|| format!("loading model {}", path.display()))?;
     let c = &m.weights.config;
     eprintln!(
-        "loaded {} ({:?}, {} layers, d {}, {:.1}M parameters) in {:.1}s",
+        "loaded {} ({:?}, {} layers, d {}, {} parameters) in {:.1}s",
         path.display(),
         c.arch,
         c.n_layers,
         c.d_model,
-        m.weights.n_params() as f64 / 1e6,
+        m.weights.n_params(),
         t0.elapsed().as_secs_f64()
     );
     Ok(m)
@@ -151,8 +151,12 @@ pub fn load_prefix_arg(path: &Path, model: &LoadedModel) -> Result<LoadedPrefix>
     };
     if let Some(dir) = peft_dir {
         let (bank, info) = import_peft_adapter(&dir)?;
-        info.check_model(cfg)
-            .with_context(|| format!("PEFT adapter {}", dir.display()))?;
+        info.check_model(cfg).with_context(|| {
+            format!(
+                "PEFT adapter {} does not fit this model: it was made for another model",
+                dir.display()
+            )
+        })?;
         if info.prefix_projection {
             eprintln!(
                 "note: {} was trained with prefix_projection; its saved prompt_embeddings are used",

@@ -31,6 +31,8 @@ pub fn compile_host_emulation(cuda_include: Option<&Path>) {
         .cpp(true)
         .std("c++20")
         .file(kernels.join("host").join("emulation.cpp"))
+        // The model-layer kernels (embedding, norm, activation, rope, cross_entropy).
+        .file(kernels.join("host").join("emulation_model_ops.cpp"))
         .include(&kernels)
         .include(kernels.join("host"))
         .include(&include)

@@ -14,5 +14,6 @@
 #include "abi/convert.h"
 #include "abi/optim.h"
 #include "abi/attention.h"
+#include "abi/model_ops.h"
 
 #endif /* PT_ABI_H */

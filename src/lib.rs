@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod emu;
+pub mod emu_ops;
 pub mod engine;
 pub mod generate;
 pub mod model;

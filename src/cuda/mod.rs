@@ -5,6 +5,7 @@
 pub mod abi;
 pub mod attention;
 pub mod context;
+pub mod model_ops;
 pub mod modules;
 pub mod ops;
 

@@ -571,6 +571,7 @@ pub fn train(
         steps_this_run += 1;
         st.elapsed = elapsed(elapsed0);
 
+        let step_secs = step_started.elapsed().as_secs_f64();
         let mut rec = MetricRecord {
             step: st.step,
             loss: Some(loss),
@@ -618,7 +619,7 @@ pub fn train(
         metrics.push(&rec)?;
         st.history.push(rec);
 
-        let tok_s = step_tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9);
+        let tok_s = step_tokens as f64 / step_secs.max(1e-9);
         if let Some(b) = &bar {
             b.set_position(st.step);
             b.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s"));

@@ -91,6 +91,7 @@ fn library_generate(
     text: &str,
     strategy: Strategy,
     max_new_tokens: usize,
+    positions: Positions,
 ) -> Vec<u32> {
     let t = &m.tokenizer;
     let mut prompt: Vec<u32> = if t.add_bos() {
@@ -110,7 +111,7 @@ fn library_generate(
         max_new_tokens,
         strategy,
         eos,
-        run: RunOptions::default(),
+        run: RunOptions { positions },
         batch_size: 1,
     };
     generate(&mut engine, bank, &[req], &opts).unwrap()[0]
@@ -126,6 +127,7 @@ fn prefix_file(
     len: usize,
     seed: u64,
     fingerprint: Option<&str>,
+    positions: Positions,
 ) -> (PathBuf, PrefixBank<f32>) {
     let c = &m.weights.config;
     let bank = PrefixBank::<f32>::random(1, c.n_layers, c.n_kv_heads, len, c.head_dim, 1.0, seed);
@@ -133,7 +135,7 @@ fn prefix_file(
         c,
         len,
         fingerprint.unwrap_or(&m.fingerprint),
-        Positions::AfterPrefix,
+        positions,
         &serde_json::json!({}),
     );
     let path = dir.join(name);
@@ -168,7 +170,7 @@ fn generate_matches_library_for_both_families() {
         let base = tokens_of(&out[0]);
         assert_eq!(
             base,
-            library_generate(&m, None, text, Strategy::Greedy, 12),
+            library_generate(&m, None, text, Strategy::Greedy, 12, Positions::AfterPrefix),
             "{family}"
         );
         let text_out = out[0]["text"].as_str().unwrap();
@@ -198,12 +200,27 @@ fn generate_matches_library_for_both_families() {
         );
         assert_eq!(
             with_peft,
-            library_generate(&m, Some(&peft_bank), text, Strategy::Greedy, 12),
+            library_generate(
+                &m,
+                Some(&peft_bank),
+                text,
+                Strategy::Greedy,
+                12,
+                Positions::AfterPrefix
+            ),
             "{family} with PEFT adapter"
         );
         let run_dir = tmp.path().join(format!("{family}-run"));
         std::fs::create_dir_all(&run_dir).unwrap();
-        let (_, bank) = prefix_file(&m, &run_dir, "prefix.safetensors", 4, 5, None);
+        let (_, bank) = prefix_file(
+            &m,
+            &run_dir,
+            "prefix.safetensors",
+            4,
+            5,
+            None,
+            Positions::AfterPrefix,
+        );
         let beam = Strategy::Beam {
             beams: 3,
             length_penalty: 0.8,
@@ -228,10 +245,63 @@ fn generate_matches_library_for_both_families() {
         );
         assert_eq!(
             with_file,
-            library_generate(&m, Some(&bank), text, beam, 10),
+            library_generate(&m, Some(&bank), text, beam, 10, Positions::AfterPrefix),
             "{family} beam search with a training directory's prefix"
         );
         assert_ne!(with_file, base, "{family}: the prefix changed nothing");
+
+        // A prefix trained with --positions from-zero is used that way unless told otherwise.
+        let (zero_path, zero) = prefix_file(
+            &m,
+            tmp.path(),
+            &format!("{family}-zero.safetensors"),
+            4,
+            6,
+            None,
+            Positions::FromZero,
+        );
+        let gen_zero = |extra: &[&str]| {
+            let mut a = vec![
+                "generate",
+                "--model",
+                s(&dir),
+                "--prefix",
+                s(&zero_path),
+                "--input",
+                text,
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ];
+            a.extend(extra);
+            tokens_of(&json_lines(&run_ok(&a))[0])
+        };
+        let from_zero = library_generate(
+            &m,
+            Some(&zero),
+            text,
+            Strategy::Greedy,
+            12,
+            Positions::FromZero,
+        );
+        let after = library_generate(
+            &m,
+            Some(&zero),
+            text,
+            Strategy::Greedy,
+            12,
+            Positions::AfterPrefix,
+        );
+        assert_ne!(
+            from_zero, after,
+            "{family}: the positions convention changed nothing"
+        );
+        assert_eq!(gen_zero(&[]), from_zero, "{family}: from-zero prefix");
+        assert_eq!(
+            gen_zero(&["--positions", "after-prefix"]),
+            after,
+            "{family}: --positions"
+        );
 
         // Sampling: reproducible for a seed, different for another.
         let sample = |seed: &str| {
@@ -270,6 +340,7 @@ fn jsonl_batch_mixes_named_prefixes() {
             3,
             7,
             None,
+            Positions::AfterPrefix,
         );
         let (p5, _) = prefix_file(
             &m,
@@ -278,6 +349,7 @@ fn jsonl_batch_mixes_named_prefixes() {
             5,
             8,
             None,
+            Positions::AfterPrefix,
         );
         let lines = [
             (r#"{"input": "one two three", "prefix": "a"}"#, Some("a")),
@@ -435,12 +507,21 @@ fn bad_input_is_refused_cleanly() {
         3,
         1,
         Some("0123456789abcdef"),
+        Positions::AfterPrefix,
     );
     check(
         gen(&["--prefix", s(&foreign), "--input", "x"]),
         &["another model"],
     );
-    let (llama_prefix, _) = prefix_file(&ml, t, "llama.safetensors", 3, 2, None);
+    let (llama_prefix, _) = prefix_file(
+        &ml,
+        t,
+        "llama.safetensors",
+        3,
+        2,
+        None,
+        Positions::AfterPrefix,
+    );
     check(
         gen(&["--prefix", s(&llama_prefix), "--input", "x"]),
         &["another model"],

@@ -62,7 +62,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
     pub eval_split: Option<f64>,
     /// Prefix length P (virtual tokens). Default 10, or the length of --init-text / --init-prefix.
-    #[arg(long, value_parser = positive_usize)]
+    #[arg(long, value_parser = positive_usize, allow_negative_numbers = true)]
     pub prefix_len: Option<usize>,
     /// Start from an existing prefix: a prefix file, a training --out dir or a PEFT adapter dir
     /// (its length wins over --prefix-len).
@@ -74,7 +74,7 @@ pub struct TrainArgs {
     pub init_text: Option<String>,
     /// Train through Li & Liang's MLP reparameterization with this hidden width (0 = off); it is
     /// folded into a plain prefix at the end.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub reparam: usize,
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     pub optimizer: OptimizerKind,
@@ -85,7 +85,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Linear learning-rate warmup steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub warmup_steps: u64,
     /// Learning-rate schedule after the warmup.
     #[arg(long, value_enum, default_value_t = ScheduleKind::Linear)]
@@ -94,16 +94,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64, allow_negative_numbers = true)]
     pub max_grad_norm: f64,
     /// Optimizer steps (default: one epoch).
-    #[arg(long, conflicts_with = "epochs", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, conflicts_with = "epochs", value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub steps: Option<u64>,
     /// Passes over the training data (may be fractional).
     #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
     pub epochs: Option<f64>,
     /// Examples per micro-batch.
-    #[arg(long, default_value_t = 4, value_parser = positive_usize)]
+    #[arg(long, default_value_t = 4, value_parser = positive_usize, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step (the step's loss is the mean over all their target tokens).
-    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    #[arg(long, default_value_t = 1, value_parser = positive_usize, allow_negative_numbers = true)]
     pub grad_accum: usize,
     /// Longest sequence (input + target + eos) in tokens; longer ones are cut and counted.
     #[arg(long, default_value_t = 256, value_parser = positive_usize)]
@@ -119,10 +119,10 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub device: Device,
     /// Evaluate every N steps (default: 5 times per run; also at the start and the end).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eval_every: Option<u64>,
     /// Checkpoint every N steps (default: only at the end).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub save_every: Option<u64>,
     /// Continue the run in DIR from its checkpoint (settings come from the checkpoint).
     #[arg(long, conflicts_with_all = [

@@ -38,9 +38,9 @@ pub struct GenerateArgs {
     /// optionally named (NAME=PATH) so that JSONL lines can choose it. Repeat to mix prefixes.
     #[arg(long = "prefix", value_name = "[NAME=]PATH")]
     pub prefixes: Vec<String>,
-    /// One input text to continue.
+    /// An input text to continue (repeat for several).
     #[arg(long)]
-    pub input: Option<String>,
+    pub input: Vec<String>,
     /// A JSONL file of inputs: {"input": "...", "prefix": "NAME"} per line ("prefix" optional).
     #[arg(long)]
     pub inputs: Option<PathBuf>,
@@ -262,14 +262,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             s.path.display()
         );
     }
-    let inputs = match (&args.input, &args.inputs) {
-        (Some(text), _) => vec![Input {
-            text: text.clone(),
-            prefix: default,
-            origin: "--input".to_string(),
-        }],
-        (None, Some(path)) => read_inputs(path, &names, default)?,
-        (None, None) => bail!("give --input TEXT or --inputs FILE.jsonl"),
+    let inputs = match &args.inputs {
+        Some(path) => read_inputs(path, &names, default)?,
+        None if !args.input.is_empty() => args
+            .input
+            .iter()
+            .enumerate()
+            .map(|(i, text)| Input {
+                text: text.clone(),
+                prefix: default,
+                origin: if args.input.len() == 1 {
+                    "--input".to_string()
+                } else {
+                    format!("--input #{}", i + 1)
+                },
+            })
+            .collect(),
+        None => bail!("give --input TEXT or --inputs FILE.jsonl"),
     };
 
     let model = load_model_arg(&args.model)?;

@@ -50,7 +50,7 @@ fn matrix(v: &Value) -> Vec<f64> {
     v.as_array()
         .expect("matrix")
         .iter()
-        .flat_map(|row| f64s(row))
+        .flat_map(f64s)
         .collect()
 }
 

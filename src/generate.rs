@@ -8,12 +8,13 @@
 //!   generation;
 //! - sampling draws from one generator per request, seeded from the seed and the request's index,
 //!   so a request's output does not depend on the batch it ran in;
-//! - beam search follows HF transformers (`num_beams`, `length_penalty`, `early_stopping=False`):
-//!   each step keeps the `2·N` best continuations of all beams by summed log-probability; a
-//!   continuation ending in EOS among the first `N` becomes a finished hypothesis scored
-//!   `sum_logprobs / generated_len^length_penalty` (the EOS counted in the length); a request is
-//!   done when `N` hypotheses are finished and none of the running beams can beat the worst of
-//!   them; at the token limit the running beams become hypotheses; the best hypothesis wins.
+//! - beam search follows HF transformers (`num_beams`, `length_penalty`, `early_stopping=False`;
+//!   checked against `generate` itself in `tests/generate.rs`): each step ranks the `2·N` best
+//!   continuations of all beams by summed log-probability; one ending in EOS among the first `N`
+//!   becomes a finished hypothesis scored `sum_logprobs / generated_len^length_penalty` (the EOS
+//!   counted in the length); the best `N` others run on; a request is done when `N` hypotheses are
+//!   finished and the best running beam, scored at the current length, does not beat the worst
+//!   of them; at the token limit the first `N` continuations become hypotheses; the best wins.
 
 use anyhow::{bail, ensure, Result};
 use rand::rngs::StdRng;
@@ -428,46 +429,61 @@ fn beam_batch(
             });
             cands.truncate(take);
             cands.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-            let mut new_beams = Vec::with_capacity(n_beams);
-            let mut sources = Vec::with_capacity(n_beams);
-            for (rank, &(s, j, t)) in cands.iter().enumerate() {
-                if opts.eos.contains(&t) {
-                    if rank >= n_beams {
-                        continue;
-                    }
+            row0 += beams.len();
+            if last_step {
+                // At the token limit every candidate is finished; as for EOS, only the first N
+                // (by summed log-probability) may become hypotheses.
+                for &(s, j, t) in cands.iter().take(n_beams) {
                     let mut tokens = beams[j].tokens.clone();
                     tokens.push(t);
+                    let finish = if opts.eos.contains(&t) {
+                        Finish::Eos
+                    } else {
+                        Finish::Length
+                    };
                     hyps[a].add(
                         beam_score(s, gen_len, length_penalty),
                         tokens,
-                        Finish::Eos,
+                        finish,
                         n_beams,
                     );
+                }
+                continue;
+            }
+            let mut new_beams = Vec::with_capacity(n_beams);
+            let mut sources = Vec::with_capacity(n_beams);
+            for (rank, &(s, j, t)) in cands.iter().enumerate() {
+                let mut tokens = beams[j].tokens.clone();
+                tokens.push(t);
+                if opts.eos.contains(&t) {
+                    // Only an EOS among the first N candidates finishes a hypothesis.
+                    if rank < n_beams {
+                        hyps[a].add(
+                            beam_score(s, gen_len, length_penalty),
+                            tokens,
+                            Finish::Eos,
+                            n_beams,
+                        );
+                    }
                 } else {
-                    let mut tokens = beams[j].tokens.clone();
-                    tokens.push(t);
                     new_beams.push(Beam {
                         tokens,
                         sum_logprobs: s,
                     });
-                    sources.push(row0 + j);
+                    sources.push(row0 - beams.len() + j);
                     if new_beams.len() == n_beams {
                         break;
                     }
                 }
             }
-            row0 += beams.len();
-            let best_running = cands.first().map_or(f64::NEG_INFINITY, |c| c.0);
-            let done = hyps[a].list.len() >= n_beams
-                && hyps[a].worst() >= beam_score(best_running, gen_len, length_penalty);
-            if done {
+            // Done when N hypotheses are finished and the best running beam, scored at the
+            // current length, cannot beat the worst of them (HF's `early_stopping=False`).
+            let Some(best_running) = new_beams.first().map(|b| b.sum_logprobs) else {
                 continue;
-            }
-            if last_step || new_beams.is_empty() {
-                for b in new_beams {
-                    let score = beam_score(b.sum_logprobs, gen_len, length_penalty);
-                    hyps[a].add(score, b.tokens, Finish::Length, n_beams);
-                }
+            };
+            if hyps[a].list.len() >= n_beams
+                && hyps[a].worst() >= beam_score(best_running, gen_len, length_penalty)
+            {
                 continue;
             }
             next_rows.extend(sources);

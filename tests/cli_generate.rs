@@ -634,7 +634,7 @@ fn smollm2_greedy_knows_paris() {
         );
         return;
     }
-    let out = run_ok(&[
+    let out = json_lines(&run_ok(&[
         "generate",
         "--model",
         s(&path),
@@ -643,6 +643,21 @@ fn smollm2_greedy_knows_paris() {
         "--greedy",
         "--max-new-tokens",
         "8",
-    ]);
-    assert!(out.contains("Paris"), "SmolLM2 said: {out:?}");
+        "--json",
+    ]));
+    let text = out[0]["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "SmolLM2 said: {text:?}");
+    // HF transformers' greedy continuation (tests/fixtures/smollm2_logits.json, made by
+    // tools/oracle/make_fixtures.py from the same GGUF in float64).
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2_logits.json")).unwrap(),
+    )
+    .unwrap();
+    let hf: Vec<u32> = fx["greedy"]["new_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(tokens_of(&out[0]), hf, "greedy tokens differ from HF's");
 }

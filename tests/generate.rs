@@ -9,7 +9,9 @@
 //!   prefixes equals each request run alone with its prefix; beam search with one beam is greedy,
 //!   and with as many beams as the vocabulary finds the exhaustive best two-token continuation
 //!   under HF's length-penalty scoring; sampling is reproducible for a seed, differs across
-//!   seeds, and with top-k = 1 is greedy; generation stops at an EOS token.
+//!   seeds, and with top-k = 1 is greedy; generation stops at an EOS token;
+//! - against HF transformers' own `generate` on the tiny fixture models (greedy and beam search
+//!   with several beam counts, length penalties and EOS ids; greedy with the PEFT prefix).
 
 use std::sync::Arc;
 
@@ -608,4 +610,84 @@ fn bad_options_are_refused() {
     )
     .is_err());
     let _ = eng.describe();
+}
+
+/// HF transformers' own generations on the tiny fixture models (`tests/fixtures/generate_hf.json`,
+/// made by `tools/oracle/generate_oracle.py` in float64): greedy and beam search (several beam
+/// counts and length penalties, with the model's EOS and with a frequent token as EOS), and greedy
+/// with the fixture's PEFT prefix.
+#[test]
+fn matches_hf_generate_on_fixtures() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("generate_hf.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let max_new = fx["max_new_tokens"].as_u64().unwrap() as usize;
+    let mut checked = 0;
+    for (family, fam) in fx["families"].as_object().unwrap() {
+        let dir = root.join(fam["model_dir"].as_str().unwrap());
+        let m = prefix_tune::model::load_model(&dir).unwrap();
+        let mut eng = CpuEngine::new(Arc::new(m.weights.clone()));
+        for case in fam["cases"].as_array().unwrap() {
+            let req = [Request {
+                prompt: ids(&case["prompt_ids"]),
+                prefix: None,
+            }];
+            let eos = vec![case["eos"].as_u64().unwrap() as u32];
+            let greedy = generate(
+                &mut eng,
+                None,
+                &req,
+                &opts(Strategy::Greedy, max_new, eos.clone()),
+            )
+            .unwrap();
+            assert_eq!(greedy[0].tokens, ids(&case["greedy"]), "{family} {case}");
+            for b in case["beams"].as_array().unwrap() {
+                let strategy = Strategy::Beam {
+                    beams: b["num_beams"].as_u64().unwrap() as usize,
+                    length_penalty: b["length_penalty"].as_f64().unwrap(),
+                };
+                let out =
+                    generate(&mut eng, None, &req, &opts(strategy, max_new, eos.clone())).unwrap();
+                assert_eq!(
+                    out[0].tokens,
+                    ids(&b["tokens"]),
+                    "{family} {strategy:?} eos {eos:?}: {}",
+                    case["prompt"]
+                );
+                checked += 1;
+            }
+        }
+        let (bank, _) =
+            prefix_tune::prefix::import_peft_adapter(&dir.join("peft_adapter")).unwrap();
+        let eos = vec![fam["model_eos"].as_u64().unwrap() as u32];
+        for case in fam["peft_greedy"].as_array().unwrap() {
+            let req = [Request {
+                prompt: ids(&case["prompt_ids"]),
+                prefix: Some(0),
+            }];
+            let out = generate(
+                &mut eng,
+                Some(&bank),
+                &req,
+                &opts(Strategy::Greedy, max_new, eos.clone()),
+            )
+            .unwrap();
+            assert_eq!(
+                out[0].tokens,
+                ids(&case["tokens"]),
+                "{family} PEFT greedy: {}",
+                case["prompt"]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} generations checked");
 }

@@ -146,7 +146,22 @@ impl<T: Real> KvCache<T> {
                 self.seqs.len()
             );
         }
-        self.seqs = rows.iter().map(|&r| self.seqs[r].clone()).collect();
+        // Move each sequence into its last use and copy it for the earlier ones.
+        let mut last_use = vec![usize::MAX; self.seqs.len()];
+        for (i, &r) in rows.iter().enumerate() {
+            last_use[r] = i;
+        }
+        let mut old: Vec<Option<SeqCache<T>>> = self.seqs.drain(..).map(Some).collect();
+        let mut seqs = Vec::with_capacity(rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            let s = if last_use[r] == i {
+                old[r].take()
+            } else {
+                old[r].clone()
+            };
+            seqs.push(s.expect("a sequence is moved out only at its last use"));
+        }
+        self.seqs = seqs;
         Ok(())
     }
 

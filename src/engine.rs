@@ -2,8 +2,8 @@
 //! gradient and KV-cache decoding. Training and generation hold a `Box<dyn Engine>` and never
 //! ask which device runs it; [`open_engine`] picks the implementation from a [`Device`].
 //!
-//! Today the only implementation is [`CpuEngine`] (the reference code in f32); the GPU engine
-//! plugs in here later, behind the same trait.
+//! Two implementations: [`CpuEngine`] (the reference code in f32) and the GPU engine
+//! ([`crate::cuda::engine::CudaEngine`]), behind the same trait.
 //!
 //! Every method checks its inputs against the model and returns an error (the reference code
 //! panics on a malformed batch, which is a programming error there but bad input here).
@@ -186,17 +186,26 @@ impl Engine for CpuEngine {
     }
 }
 
-/// The engine for `device`: `auto` and `cpu` give the CPU engine while no GPU engine exists;
-/// `cuda` says why it cannot run (no GPU, or the GPU engine is not built yet).
+/// The engine for `device`: `cpu` the CPU reference; `cuda` the GPU engine
+/// ([`crate::cuda::engine::CudaEngine`]) or an error saying why it cannot run; `auto` the GPU
+/// engine when a usable GPU is present and the model fits its kernels, else the CPU (with a note
+/// on stderr when a GPU was there but could not be used).
 pub fn open_engine(weights: Arc<ModelWeights<f32>>, device: Device) -> Result<Box<dyn Engine>> {
+    use crate::cuda::engine::CudaEngine;
     match device {
-        Device::Auto | Device::Cpu => Ok(Box::new(CpuEngine::new(weights))),
-        Device::Cuda => match crate::cuda::gpu_available() {
-            Err(e) => bail!("--device cuda: no usable GPU: {e}"),
-            Ok(gpu) => bail!(
-                "--device cuda: the GPU engine is not built yet (found {gpu}); \
-                 use --device cpu or --device auto"
-            ),
+        Device::Cpu => Ok(Box::new(CpuEngine::new(weights))),
+        Device::Cuda => match CudaEngine::new(weights) {
+            Ok(e) => Ok(Box::new(e)),
+            Err(e) => bail!("--device cuda: {e:#}"),
+        },
+        Device::Auto => match CudaEngine::new(weights.clone()) {
+            Ok(e) => Ok(Box::new(e)),
+            Err(e) => {
+                if crate::cuda::gpu_available().is_ok() {
+                    eprintln!("note: a GPU is present but the GPU engine cannot run: {e:#}; using the CPU");
+                }
+                Ok(Box::new(CpuEngine::new(weights)))
+            }
         },
     }
 }

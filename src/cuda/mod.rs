@@ -5,6 +5,8 @@
 pub mod abi;
 pub mod attention;
 pub mod context;
+pub mod engine;
+pub mod gemm;
 pub mod model_ops;
 pub mod modules;
 pub mod ops;

@@ -1,0 +1,1167 @@
+//! The GPU engine: the frozen model in fp16 on one CUDA device, behind the same [`Engine`]
+//! interface as the CPU reference.
+//!
+//! - The weights are uploaded once, in fp16, with the projections that read the same input fused
+//!   (`[Wq; Wk; Wv]`, and Llama's `[W_gate; W_up]`), so each is one cuBLAS GEMM.
+//! - Forward per layer: residual add + norm (one kernel, the fp32 residual stream updated in
+//!   place), the fused QKV GEMM, bias + RoPE into `[B, H, T, D]`, the fused prefix attention
+//!   (`kernels/prefix_attention.cu`), the output GEMM, then the same for the MLP with GELU-tanh
+//!   or SwiGLU. Biases of the output projections are folded into the next residual add.
+//! - The LM head and the cross-entropy run on the target rows only, in chunks of rows, so a
+//!   `[tokens × vocab]` logits matrix is never resident.
+//! - The prefix-only backward: activation gradients only (no weight gradients), down to every
+//!   layer's prefix keys/values, which the attention backward sums over the sequences using each
+//!   prefix. fp16 activations and GEMMs with fp32 accumulation, the residual gradient in fp32,
+//!   dynamic loss scaling: on an inf/NaN in the prefix gradient the scale is halved and the
+//!   backward redone (the forward's activations are kept), so the trainer never sees an
+//!   overflowed gradient; the count is in [`CudaEngine::overflow_retries`].
+//! - Workspaces are allocated once and grown only when a larger batch arrives; an allocation
+//!   failure says how much was asked, how much is free, and what to reduce.
+//! - Decoding (generation) runs on the CPU reference engine for now: [`Engine::begin_decode`] and
+//!   [`Engine::decode`] delegate to it.
+//!
+//! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
+//! host, where the trainer's optimizer keeps the fp32 master copy.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::f16;
+
+use super::attention::{self as attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
+use super::context::GpuContext;
+use super::gemm::Gemm;
+use super::model_ops::{self as ops, NormFwdBufs, NormKind, RopeArgs};
+use crate::engine::{check_run, CpuEngine, DecodeCache, Engine};
+use crate::model::config::{Arch, ModelConfig, ModelWeights};
+use crate::prefix::PrefixBank;
+use crate::reference::attention::AttnShape;
+use crate::reference::layers::Rope;
+use crate::reference::model::{Batch, LossOutput, Positions, RunOptions};
+
+/// Elements of one chunk of head logits (rows × vocab): 64 MiB of fp16.
+const HEAD_CHUNK_ELEMS: usize = 1 << 25;
+
+/// Dynamic loss scaling (as torch's GradScaler): start high, halve on overflow, double after
+/// `GROWTH_INTERVAL` clean steps.
+const INITIAL_SCALE: f32 = 65536.0;
+const GROWTH_INTERVAL: u32 = 1000;
+const MAX_SCALE: f32 = 16_777_216.0;
+const MIN_SCALE: f32 = 1.0 / 1024.0;
+
+fn to_f16(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// Allocates `n` zeroed elements (at least one: CUDA cannot allocate zero bytes); an
+/// out-of-memory error says how much was asked and what to reduce.
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &GpuContext,
+    what: &str,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    let n = n.max(1);
+    gpu.stream().alloc_zeros::<T>(n).map_err(|e| {
+        let bytes = n * std::mem::size_of::<T>();
+        let free = gpu
+            .context()
+            .mem_get_info()
+            .map(|(f, t)| format!("{:.1} MiB free of {:.1} MiB", mib(f), mib(t)))
+            .unwrap_or_else(|_| "free memory unknown".into());
+        anyhow!(
+            "out of GPU memory? allocating {what} ({:.1} MiB) failed: {e:?} ({free}). Reduce the \
+             batch size (--batch-size) or the sequence length (--max-len), or use --device cpu",
+            mib(bytes)
+        )
+    })
+}
+
+fn upload<T: DeviceRepr>(gpu: &GpuContext, what: &str, x: &[T]) -> Result<CudaSlice<T>> {
+    if x.is_empty() {
+        bail!("uploading {what}: empty tensor");
+    }
+    gpu.stream().clone_htod(x).map_err(|e| {
+        anyhow!(
+            "uploading {what} ({:.1} MiB): {e:?}",
+            mib(std::mem::size_of_val(x))
+        )
+    })
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn dev_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> anyhow::Error + '_ {
+    move |e| anyhow!("{what}: {e:?}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights on the device.
+
+struct DevLayer {
+    attn_norm_w: CudaSlice<f16>,
+    attn_norm_b: Option<CudaSlice<f16>>,
+    /// `[q_dim + 2·kv_dim, d]`, and the q, k, v biases.
+    wqkv: CudaSlice<f16>,
+    bqkv: Option<[CudaSlice<f16>; 3]>,
+    /// `[d, q_dim]`.
+    wo: CudaSlice<f16>,
+    bo: Option<CudaSlice<f16>>,
+    mlp_norm_w: CudaSlice<f16>,
+    mlp_norm_b: Option<CudaSlice<f16>>,
+    /// GPT-2 `[f, d]` (+ bias); Llama `[2f, d]` = `[W_gate; W_up]`.
+    w_in: CudaSlice<f16>,
+    b_in: Option<CudaSlice<f16>>,
+    /// `[d, f]`.
+    w_out: CudaSlice<f16>,
+    b_out: Option<CudaSlice<f16>>,
+}
+
+struct DevModel {
+    tok_emb: CudaSlice<f16>,
+    pos_emb: Option<CudaSlice<f16>>,
+    layers: Vec<DevLayer>,
+    final_norm_w: CudaSlice<f16>,
+    final_norm_b: Option<CudaSlice<f16>>,
+    /// Untied head `[vocab, d]` (`None`: the token embedding).
+    lm_head: Option<CudaSlice<f16>>,
+    bytes: usize,
+}
+
+impl DevModel {
+    fn upload(gpu: &GpuContext, m: &ModelWeights<f32>) -> Result<Self> {
+        let mut bytes = 0usize;
+        let mut up = |what: &str, x: &[f32]| -> Result<CudaSlice<f16>> {
+            bytes += 2 * x.len();
+            upload(gpu, what, &to_f16(x))
+        };
+        let tok_emb = up("token embedding", &m.tok_emb)?;
+        let pos_emb = m
+            .pos_emb
+            .as_deref()
+            .map(|p| up("position embedding", p))
+            .transpose()?;
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for (l, lw) in m.layers.iter().enumerate() {
+            let name = |s: &str| format!("layer {l} {s}");
+            let cat = |parts: &[&[f32]]| parts.concat();
+            let bqkv = match (&lw.bq, &lw.bk, &lw.bv) {
+                (Some(q), Some(k), Some(v)) => Some([
+                    up(&name("q bias"), q)?,
+                    up(&name("k bias"), k)?,
+                    up(&name("v bias"), v)?,
+                ]),
+                (None, None, None) => None,
+                _ => bail!("layer {l}: q/k/v biases must be all present or all absent"),
+            };
+            let w_in = match &lw.w_up {
+                Some(up_w) => cat(&[&lw.w_in, up_w]),
+                None => lw.w_in.clone(),
+            };
+            layers.push(DevLayer {
+                attn_norm_w: up(&name("attention norm"), &lw.attn_norm_w)?,
+                attn_norm_b: lw
+                    .attn_norm_b
+                    .as_deref()
+                    .map(|b| up(&name("attention norm bias"), b))
+                    .transpose()?,
+                wqkv: up(&name("qkv projection"), &cat(&[&lw.wq, &lw.wk, &lw.wv]))?,
+                bqkv,
+                wo: up(&name("output projection"), &lw.wo)?,
+                bo: lw
+                    .bo
+                    .as_deref()
+                    .map(|b| up(&name("output bias"), b))
+                    .transpose()?,
+                mlp_norm_w: up(&name("MLP norm"), &lw.mlp_norm_w)?,
+                mlp_norm_b: lw
+                    .mlp_norm_b
+                    .as_deref()
+                    .map(|b| up(&name("MLP norm bias"), b))
+                    .transpose()?,
+                w_in: up(&name("MLP input projection"), &w_in)?,
+                b_in: lw
+                    .b_in
+                    .as_deref()
+                    .map(|b| up(&name("MLP input bias"), b))
+                    .transpose()?,
+                w_out: up(&name("MLP output projection"), &lw.w_out)?,
+                b_out: lw
+                    .b_out
+                    .as_deref()
+                    .map(|b| up(&name("MLP output bias"), b))
+                    .transpose()?,
+            });
+        }
+        let final_norm_w = up("final norm", &m.final_norm_w)?;
+        let final_norm_b = m
+            .final_norm_b
+            .as_deref()
+            .map(|b| up("final norm bias", b))
+            .transpose()?;
+        let lm_head = m.lm_head.as_deref().map(|h| up("LM head", h)).transpose()?;
+        Ok(DevModel {
+            tok_emb,
+            pos_emb,
+            layers,
+            final_norm_w,
+            final_norm_b,
+            lm_head,
+            bytes,
+        })
+    }
+
+    fn head(&self) -> &CudaSlice<f16> {
+        self.lm_head.as_ref().unwrap_or(&self.tok_emb)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspaces.
+
+/// The capacity a workspace was sized for: every call with smaller or equal dimensions fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Capacity {
+    batch: usize,
+    seq: usize,
+    prefix: usize,
+    n_prefixes: usize,
+    /// Per-layer activations kept for a backward (else one layer's, reused).
+    train: bool,
+}
+
+impl Capacity {
+    fn covers(&self, other: &Capacity) -> bool {
+        self.batch >= other.batch
+            && self.seq >= other.seq
+            && self.prefix >= other.prefix
+            && self.n_prefixes >= other.n_prefixes
+            && (self.train || !other.train)
+    }
+
+    fn max(&self, o: &Capacity) -> Capacity {
+        Capacity {
+            batch: self.batch.max(o.batch),
+            seq: self.seq.max(o.seq),
+            prefix: self.prefix.max(o.prefix),
+            n_prefixes: self.n_prefixes.max(o.n_prefixes),
+            train: self.train || o.train,
+        }
+    }
+
+    fn attn_shape(&self, cfg: &ModelConfig) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            q_heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            seq: self.seq,
+            prefix: self.prefix,
+            head_dim: cfg.head_dim,
+            n_prefixes: self.n_prefixes,
+        }
+    }
+}
+
+/// What one layer's forward keeps for the backward.
+struct LayerSaved {
+    /// Attention block input (fp16 copy of the residual) and its norm statistics.
+    attn_x: CudaSlice<f16>,
+    attn_mean: CudaSlice<f32>,
+    attn_rstd: CudaSlice<f32>,
+    /// `[B, H, T, D]` after bias and RoPE; the attention output and its LSE.
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    o: CudaSlice<f16>,
+    lse: CudaSlice<f32>,
+    /// MLP block input and its norm statistics.
+    mlp_x: CudaSlice<f16>,
+    mlp_mean: CudaSlice<f32>,
+    mlp_rstd: CudaSlice<f32>,
+    /// GPT-2: the biased pre-activation `[rows, f]`; Llama: `[gate | up]` `[rows, 2f]`.
+    a: CudaSlice<f16>,
+}
+
+struct Workspace {
+    cap: Capacity,
+    saved: Vec<LayerSaved>,
+    tokens: CudaSlice<i32>,
+    pos_offset: CudaSlice<i32>,
+    prefix_index: CudaSlice<i32>,
+    valid_len: CudaSlice<i32>,
+    /// Per layer, the prefix bank's keys and values in fp16.
+    bank: Vec<(CudaSlice<f16>, CudaSlice<f16>)>,
+    /// Residual stream `[rows, d]` fp32, the norm output `[rows, d]` (after the last layer: the
+    /// final hidden states), and the final norm's input and statistics.
+    x: CudaSlice<f32>,
+    h: CudaSlice<f16>,
+    final_x: CudaSlice<f16>,
+    final_mean: CudaSlice<f32>,
+    final_rstd: CudaSlice<f32>,
+    /// `[rows, q + 2kv]`: the fused projection (forward) / its gradient (backward).
+    qkv: CudaSlice<f16>,
+    /// `[rows, q_dim]`: the attention output as rows / the output projection's input gradient.
+    o_rows: CudaSlice<f16>,
+    /// `[B, Hq, T, D]`: dO.
+    d_o: CudaSlice<f16>,
+    /// `[rows, d]`: branch outputs (forward), norm input gradients (backward).
+    y: CudaSlice<f16>,
+    /// `[rows, f]`: the activation output / its gradient.
+    act: CudaSlice<f16>,
+    /// `[rows, f or 2f]`: the pre-activation gradient.
+    d_a: CudaSlice<f16>,
+    /// Residual gradient, fp32 and its fp16 copy.
+    dx: CudaSlice<f32>,
+    dx16: CudaSlice<f16>,
+    /// Head chunk: rows, logits, row gradient, indices, labels, losses.
+    chunk: usize,
+    head_h: CudaSlice<f16>,
+    logits: CudaSlice<f16>,
+    head_dh: CudaSlice<f16>,
+    head_idx: CudaSlice<i32>,
+    head_labels: CudaSlice<i32>,
+    head_loss: CudaSlice<f32>,
+    chunk_loss: CudaSlice<f32>,
+    /// Attention backward scratch and gradients (reused per layer).
+    attn_ws: AttnWorkspace,
+    attn_grads: DevAttnGrads,
+    /// Per layer `[k | v]` prefix gradients (fp16, loss-scaled), copied out of `attn_grads`.
+    prefix_grads: CudaSlice<f16>,
+    bytes: usize,
+}
+
+impl Workspace {
+    fn new(gpu: &GpuContext, cfg: &ModelConfig, cap: Capacity) -> Result<Self> {
+        let (b, t) = (cap.batch, cap.seq);
+        let rows = b * t;
+        let (d, hd) = (cfg.d_model, cfg.head_dim);
+        let q_dim = cfg.q_dim();
+        let kv_dim = cfg.kv_dim();
+        let f_in = match cfg.arch {
+            Arch::Gpt2 => cfg.d_ff,
+            Arch::Llama => 2 * cfg.d_ff,
+        };
+        let bank = cap.n_prefixes * cfg.n_kv_heads * cap.prefix * hd;
+        let chunk = (HEAD_CHUNK_ELEMS / cfg.vocab_size.max(1)).clamp(1, rows.max(1));
+        let mut bytes = 0usize;
+        let mut h16 = |what: &str, n: usize| {
+            bytes += 2 * n;
+            alloc::<f16>(gpu, what, n)
+        };
+        let n_saved = if cap.train { cfg.n_layers } else { 1 };
+        let mut saved = Vec::with_capacity(n_saved);
+        let mut f32s = Vec::new();
+        for l in 0..n_saved {
+            let w = |s: &str| format!("layer {l} {s} ({b} sequences × {t} tokens)");
+            saved.push(LayerSaved {
+                attn_x: h16(&w("attention input"), rows * d)?,
+                attn_mean: alloc(gpu, "norm statistics", rows)?,
+                attn_rstd: alloc(gpu, "norm statistics", rows)?,
+                q: h16(&w("queries"), rows * q_dim)?,
+                k: h16(&w("keys"), rows * kv_dim)?,
+                v: h16(&w("values"), rows * kv_dim)?,
+                o: h16(&w("attention output"), rows * q_dim)?,
+                lse: alloc(gpu, "attention LSE", b * cfg.n_heads * t)?,
+                mlp_x: h16(&w("MLP input"), rows * d)?,
+                mlp_mean: alloc(gpu, "norm statistics", rows)?,
+                mlp_rstd: alloc(gpu, "norm statistics", rows)?,
+                a: h16(&w("MLP pre-activation"), rows * f_in)?,
+            });
+            f32s.push(4 * (5 * rows + b * cfg.n_heads * t));
+        }
+        let mut bank_bufs = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            bank_bufs.push((h16("prefix keys", bank)?, h16("prefix values", bank)?));
+        }
+        let ws = Workspace {
+            cap,
+            tokens: alloc(gpu, "token ids", rows)?,
+            pos_offset: alloc(gpu, "position offsets", b)?,
+            prefix_index: alloc(gpu, "prefix indices", b)?,
+            valid_len: alloc(gpu, "valid lengths", b)?,
+            bank: bank_bufs,
+            x: alloc(gpu, "residual stream", rows * d)?,
+            h: h16("norm output", rows * d)?,
+            final_x: h16("final norm input", rows * d)?,
+            final_mean: alloc(gpu, "norm statistics", rows)?,
+            final_rstd: alloc(gpu, "norm statistics", rows)?,
+            qkv: h16("qkv projection", rows * (q_dim + 2 * kv_dim))?,
+            o_rows: h16("attention output rows", rows * q_dim)?,
+            d_o: h16("attention output gradient", rows * q_dim)?,
+            y: h16("branch output", rows * d)?,
+            act: h16("MLP activation", rows * cfg.d_ff)?,
+            d_a: h16("MLP pre-activation gradient", rows * f_in)?,
+            dx: alloc(gpu, "residual gradient", rows * d)?,
+            dx16: h16("residual gradient (fp16)", rows * d)?,
+            chunk,
+            head_h: h16("head chunk rows", chunk * d)?,
+            logits: h16(
+                &format!(
+                    "head logits chunk ({chunk} rows × {} vocab)",
+                    cfg.vocab_size
+                ),
+                chunk * cfg.vocab_size,
+            )?,
+            head_dh: h16("head chunk gradient", chunk * d)?,
+            head_idx: alloc(gpu, "head row indices", chunk)?,
+            head_labels: alloc(gpu, "head labels", chunk)?,
+            head_loss: alloc(gpu, "head losses", rows)?,
+            chunk_loss: alloc(gpu, "head chunk losses", chunk)?,
+            attn_ws: AttnWorkspace::new(gpu, &cap.attn_shape(cfg), true)
+                .context("allocating the attention backward workspace")?,
+            attn_grads: DevAttnGrads::new(gpu, &cap.attn_shape(cfg))
+                .context("allocating the attention gradients")?,
+            prefix_grads: h16("prefix gradients", cfg.n_layers * 2 * bank)?,
+            saved,
+            bytes: 0,
+        };
+        let extra: usize = f32s.iter().sum::<usize>() + 4 * rows * (2 * d + 3 + 1);
+        Ok(Workspace {
+            bytes: bytes + extra,
+            ..ws
+        })
+    }
+}
+
+/// RoPE cos/sin tables `[n_positions, D/2]` in fp32 (angles computed in f64 on the host).
+struct RopeTables {
+    n_positions: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+impl RopeTables {
+    fn new(gpu: &GpuContext, cfg: &ModelConfig, n_positions: usize) -> Result<Self> {
+        let positions: Vec<usize> = (0..n_positions).collect();
+        let r = Rope::<f64>::new(cfg.head_dim, cfg.rope_theta, &positions);
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        Ok(RopeTables {
+            n_positions,
+            cos: upload(gpu, "RoPE cosines", &f(&r.cos))?,
+            sin: upload(gpu, "RoPE sines", &f(&r.sin))?,
+        })
+    }
+}
+
+/// Dynamic loss scale.
+#[derive(Clone, Copy, Debug)]
+struct LossScaler {
+    scale: f32,
+    good_steps: u32,
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy, Debug)]
+struct CallShape {
+    batch: usize,
+    seq: usize,
+    prefix: usize,
+    n_prefixes: usize,
+}
+
+impl CallShape {
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The frozen model on a CUDA GPU (see the module documentation).
+pub struct CudaEngine {
+    gpu: GpuContext,
+    gemm: Gemm,
+    model: DevModel,
+    cfg: ModelConfig,
+    cpu: CpuEngine,
+    ws: Option<Workspace>,
+    rope: Option<RopeTables>,
+    scaler: LossScaler,
+    overflow_retries: u64,
+    peak_used: usize,
+    /// dQ without float atomics in the attention backward (bitwise reproducible).
+    pub deterministic: bool,
+}
+
+impl CudaEngine {
+    /// Opens GPU 0, checks that the model fits the kernels and uploads its weights in fp16.
+    pub fn new(weights: Arc<ModelWeights<f32>>) -> Result<Self> {
+        let cfg = weights.config.clone();
+        if !attn::SUPPORTED_HEAD_DIMS.contains(&cfg.head_dim) {
+            bail!(
+                "the GPU engine's fused attention kernels support head dims {:?}; this model has \
+                 head dim {} (use --device cpu)",
+                attn::SUPPORTED_HEAD_DIMS,
+                cfg.head_dim
+            );
+        }
+        if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+            bail!(
+                "{} query heads are not a multiple of {} kv heads",
+                cfg.n_heads,
+                cfg.n_kv_heads
+            );
+        }
+        let gpu = GpuContext::new(0)?;
+        let gemm = Gemm::new(&gpu)?;
+        let model = DevModel::upload(&gpu, &weights).context("uploading the model to the GPU")?;
+        let mut e = CudaEngine {
+            gpu,
+            gemm,
+            model,
+            cfg,
+            cpu: CpuEngine::new(weights),
+            ws: None,
+            rope: None,
+            scaler: LossScaler {
+                scale: INITIAL_SCALE,
+                good_steps: 0,
+            },
+            overflow_retries: 0,
+            peak_used: 0,
+            deterministic: false,
+        };
+        e.note_memory();
+        Ok(e)
+    }
+
+    /// Backward passes redone with a lower loss scale after an fp16 overflow, so far.
+    pub fn overflow_retries(&self) -> u64 {
+        self.overflow_retries
+    }
+
+    /// The current loss scale.
+    pub fn loss_scale(&self) -> f32 {
+        self.scaler.scale
+    }
+
+    /// Peak device memory in use (bytes, all of the device as the driver reports it) seen at the
+    /// end of each call so far.
+    pub fn peak_device_memory(&self) -> usize {
+        self.peak_used
+    }
+
+    /// Bytes of the current workspace (activations kept for the backward and scratch).
+    pub fn workspace_bytes(&self) -> usize {
+        self.ws.as_ref().map_or(0, |w| w.bytes)
+    }
+
+    /// The device, as the context describes it.
+    pub fn device_description(&self) -> &str {
+        self.gpu.description()
+    }
+
+    fn note_memory(&mut self) {
+        if let Ok((free, total)) = self.gpu.context().mem_get_info() {
+            self.peak_used = self.peak_used.max(total.saturating_sub(free));
+        }
+    }
+
+    /// Makes sure the workspace and RoPE tables fit `shape` (grow only).
+    fn prepare(&mut self, shape: &CallShape, train: bool, max_position: usize) -> Result<()> {
+        let want = Capacity {
+            batch: shape.batch,
+            seq: shape.seq,
+            prefix: shape.prefix,
+            n_prefixes: shape.n_prefixes,
+            train,
+        };
+        let fits = self.ws.as_ref().is_some_and(|w| w.cap.covers(&want));
+        if !fits {
+            let cap = self.ws.as_ref().map_or(want, |w| w.cap.max(&want));
+            self.ws = None; // free the old one first
+            self.ws = Some(Workspace::new(&self.gpu, &self.cfg, cap)?);
+        }
+        if self.cfg.arch == Arch::Llama
+            && self
+                .rope
+                .as_ref()
+                .map_or(true, |r| r.n_positions < max_position)
+        {
+            let n = max_position.max(self.cfg.max_positions.min(1 << 16));
+            self.rope = Some(RopeTables::new(&self.gpu, &self.cfg, n)?);
+        }
+        Ok(())
+    }
+
+    /// Uploads the batch and the bank, runs the forward to the final hidden states (in
+    /// `ws.h`), keeping per-layer activations when `train`.
+    fn forward(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+        train: bool,
+    ) -> Result<CallShape> {
+        let cfg = self.cfg.clone();
+        let (p_len, n_prefixes) = match prefix {
+            Some(p) if p.len > 0 => (p.len, p.n_prefixes),
+            _ => (0, 0),
+        };
+        let shape = CallShape {
+            batch: batch.batch,
+            seq: batch.seq,
+            prefix: p_len,
+            n_prefixes,
+        };
+        let offset = match opts.positions {
+            Positions::AfterPrefix => prefix.map_or(0, |p| p.len),
+            Positions::FromZero => 0,
+        };
+        self.prepare(&shape, train, offset + batch.seq)?;
+        let Self {
+            gpu,
+            gemm,
+            model,
+            ws,
+            rope,
+            ..
+        } = self;
+        let ws = ws.as_mut().expect("prepared workspace");
+        let stream = gpu.stream().clone();
+        let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
+        let (d, hd) = (cfg.d_model, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let qkv_w = q_dim + 2 * kv_dim;
+
+        // Inputs.
+        let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
+        stream
+            .memcpy_htod(&tokens, &mut ws.tokens)
+            .map_err(dev_err("uploading token ids"))?;
+        stream
+            .memcpy_htod(&vec![offset as i32; b], &mut ws.pos_offset)
+            .map_err(dev_err("uploading position offsets"))?;
+        let s_attn = AttnShape {
+            batch: b,
+            q_heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            seq: t,
+            prefix: p_len,
+            head_dim: hd,
+            n_prefixes,
+        };
+        let (pi, vl) = attn::index_arrays(&s_attn, &batch.prefix_index, &batch.valid_len)?;
+        stream
+            .memcpy_htod(&pi, &mut ws.prefix_index)
+            .map_err(dev_err("uploading prefix indices"))?;
+        stream
+            .memcpy_htod(&vl, &mut ws.valid_len)
+            .map_err(dev_err("uploading valid lengths"))?;
+        if let Some(p) = prefix.filter(|p| p.len > 0) {
+            for l in 0..cfg.n_layers {
+                let (bk, bv) = &mut ws.bank[l];
+                stream
+                    .memcpy_htod(&to_f16(&p.k[l]), bk)
+                    .map_err(dev_err("uploading prefix keys"))?;
+                stream
+                    .memcpy_htod(&to_f16(&p.v[l]), bv)
+                    .map_err(dev_err("uploading prefix values"))?;
+            }
+        }
+
+        let kind = match cfg.arch {
+            Arch::Gpt2 => NormKind::Layer,
+            Arch::Llama => NormKind::Rms,
+        };
+        let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
+        let use_rope = cfg.arch == Arch::Llama;
+        let n_pos = rope.as_ref().map_or(0, |r| r.n_positions);
+        let emb_p = ops::embedding_params(
+            b,
+            t,
+            d,
+            cfg.vocab_size,
+            model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
+        )?;
+        ops::embedding_forward(
+            gpu,
+            &emb_p,
+            &ws.tokens,
+            &ws.pos_offset,
+            &model.tok_emb,
+            model.pos_emb.as_ref(),
+            &mut ws.x,
+        )?;
+
+        // The branch output still to be added to the residual, with its bias.
+        let mut pending: Option<Option<&CudaSlice<f16>>> = None;
+        let n_saved = ws.saved.len();
+        for (l, lw) in model.layers.iter().enumerate() {
+            let sv = &mut ws.saved[l % n_saved];
+            // Attention block.
+            ops::add_norm_forward(
+                gpu,
+                &norm_p,
+                NormFwdBufs {
+                    x: &mut ws.x,
+                    y: pending.map(|_| &ws.y),
+                    y_bias: pending.flatten(),
+                    w: &lw.attn_norm_w,
+                    b: lw.attn_norm_b.as_ref(),
+                    x_save: Some(&mut sv.attn_x),
+                    h: &mut ws.h,
+                    mean: Some(&mut sv.attn_mean),
+                    rstd: &mut sv.attn_rstd,
+                },
+            )?;
+            gemm.a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv, 0.0)?;
+            let parts: [(usize, usize, bool, &mut CudaSlice<f16>); 3] = [
+                (0, cfg.n_heads, use_rope, &mut sv.q),
+                (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
+                (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
+            ];
+            for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
+                let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
+                let bias_ref = lw.bqkv.as_ref().map(|bs| &bs[i]);
+                let rope_args = rot.then(|| {
+                    let r = rope.as_ref().expect("RoPE tables");
+                    RopeArgs {
+                        pos_offset: &ws.pos_offset,
+                        cos: &r.cos,
+                        sin: &r.sin,
+                    }
+                });
+                ops::rows_to_heads(gpu, &hp, &ws.qkv, bias_ref, rope_args, dst)?;
+            }
+            let (bk, bv) = &ws.bank[l];
+            let inputs = DevAttnInputs {
+                q: &sv.q,
+                k: &sv.k,
+                v: &sv.v,
+                prefix_k: bk,
+                prefix_v: bv,
+                prefix_index: &ws.prefix_index,
+                valid_len: &ws.valid_len,
+            };
+            attn::forward(
+                gpu,
+                &s_attn,
+                attn_scale(&cfg),
+                &inputs,
+                &mut sv.o,
+                &mut sv.lse,
+            )?;
+            let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
+            ops::heads_to_rows(gpu, &op, &sv.o, None, &mut ws.o_rows)?;
+            gemm.a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y, 0.0)?;
+
+            // MLP block.
+            ops::add_norm_forward(
+                gpu,
+                &norm_p,
+                NormFwdBufs {
+                    x: &mut ws.x,
+                    y: Some(&ws.y),
+                    y_bias: lw.bo.as_ref(),
+                    w: &lw.mlp_norm_w,
+                    b: lw.mlp_norm_b.as_ref(),
+                    x_save: Some(&mut sv.mlp_x),
+                    h: &mut ws.h,
+                    mean: Some(&mut sv.mlp_mean),
+                    rstd: &mut sv.mlp_rstd,
+                },
+            )?;
+            let act_p = ops::act_params(rows, cfg.d_ff)?;
+            match cfg.arch {
+                Arch::Gpt2 => {
+                    gemm.a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a, 0.0)?;
+                    ops::gelu_forward(gpu, &act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
+                }
+                Arch::Llama => {
+                    gemm.a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a, 0.0)?;
+                    ops::swiglu_forward(gpu, &act_p, &sv.a, &mut ws.act)?;
+                }
+            }
+            gemm.a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y, 0.0)?;
+            pending = Some(lw.b_out.as_ref());
+        }
+        ops::add_norm_forward(
+            gpu,
+            &norm_p,
+            NormFwdBufs {
+                x: &mut ws.x,
+                y: pending.map(|_| &ws.y),
+                y_bias: pending.flatten(),
+                w: &model.final_norm_w,
+                b: model.final_norm_b.as_ref(),
+                x_save: Some(&mut ws.final_x),
+                h: &mut ws.h,
+                mean: Some(&mut ws.final_mean),
+                rstd: &mut ws.final_rstd,
+            },
+        )?;
+        Ok(shape)
+    }
+
+    /// The head and cross-entropy over the target rows, in chunks. Returns the loss sum per
+    /// sequence; with `grad_scale`, leaves the gradient of `grad_scale·Σ loss` with respect to
+    /// the hidden states in `ws.y` (zero on other rows).
+    fn head(
+        &mut self,
+        shape: &CallShape,
+        batch: &Batch,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f64>> {
+        let cfg = &self.cfg;
+        let gpu = &self.gpu;
+        let ws = self.ws.as_mut().expect("workspace");
+        let stream = gpu.stream().clone();
+        let (d, vocab) = (cfg.d_model, cfg.vocab_size);
+        let rows = shape.rows();
+        let targets: Vec<(usize, u32)> = (0..rows)
+            .filter(|&r| batch.is_valid_row(r))
+            .filter_map(|r| batch.labels[r].map(|t| (r, t)))
+            .collect();
+        if grad_scale.is_some() {
+            stream
+                .memset_zeros(&mut ws.y)
+                .map_err(dev_err("zeroing the hidden-state gradient"))?;
+        }
+        let head = self.model.head();
+        let mut offset = 0;
+        for group in targets.chunks(ws.chunk) {
+            let c = group.len();
+            let idx: Vec<i32> = group.iter().map(|&(r, _)| r as i32).collect();
+            let labels: Vec<i32> = group.iter().map(|&(_, t)| t as i32).collect();
+            stream
+                .memcpy_htod(&idx, &mut ws.head_idx)
+                .map_err(dev_err("uploading head rows"))?;
+            stream
+                .memcpy_htod(&labels, &mut ws.head_labels)
+                .map_err(dev_err("uploading labels"))?;
+            let rp = ops::rows_params(c, d)?;
+            ops::gather_rows(gpu, &rp, rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
+            self.gemm
+                .a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits, 0.0)?;
+            let cp = ops::ce_params(c, vocab, grad_scale)?;
+            ops::cross_entropy(
+                gpu,
+                &cp,
+                &mut ws.logits,
+                &ws.head_labels,
+                &mut ws.chunk_loss,
+            )?;
+            let mut loss_view = ws.head_loss.slice_mut(offset..offset + c);
+            stream
+                .memcpy_dtod(&ws.chunk_loss.slice(0..c), &mut loss_view)
+                .map_err(dev_err("collecting losses"))?;
+            if grad_scale.is_some() {
+                self.gemm
+                    .a_b(c, d, vocab, &ws.logits, head, &mut ws.head_dh, 0.0)?;
+                ops::scatter_rows(gpu, &rp, rows, &ws.head_dh, &ws.head_idx, &mut ws.y)?;
+            }
+            offset += c;
+        }
+        let mut loss_sum = vec![0.0f64; shape.batch];
+        if offset > 0 {
+            let losses = stream
+                .clone_dtoh(&ws.head_loss.slice(0..offset))
+                .map_err(dev_err("downloading losses"))?;
+            gpu.synchronize()?;
+            for (&(r, _), &l) in targets.iter().zip(&losses) {
+                loss_sum[r / shape.seq] += l as f64;
+            }
+        }
+        Ok(loss_sum)
+    }
+
+    /// The prefix-only backward from the hidden-state gradient in `ws.y`. Returns the prefix
+    /// gradient times `unscale`, or `None` when it is not finite (fp16 overflow).
+    fn backward(&mut self, shape: &CallShape, unscale: f32) -> Result<Option<PrefixBank<f32>>> {
+        let cfg = self.cfg.clone();
+        let deterministic = self.deterministic;
+        let Self {
+            gpu,
+            gemm,
+            model,
+            ws,
+            rope,
+            ..
+        } = self;
+        let ws = ws.as_mut().expect("workspace");
+        let stream = gpu.stream().clone();
+        let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
+        let (d, hd) = (cfg.d_model, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let qkv_w = q_dim + 2 * kv_dim;
+        let kind = match cfg.arch {
+            Arch::Gpt2 => NormKind::Layer,
+            Arch::Llama => NormKind::Rms,
+        };
+        let use_rope = cfg.arch == Arch::Llama;
+        let n_pos = rope.as_ref().map_or(0, |r| r.n_positions);
+        let s_attn = AttnShape {
+            batch: b,
+            q_heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            seq: t,
+            prefix: shape.prefix,
+            head_dim: hd,
+            n_prefixes: shape.n_prefixes,
+        };
+        let bank_len = s_attn.bank_len();
+
+        // Final norm: dx = norm'(dh).
+        let p0 = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
+        ops::norm_backward(
+            gpu,
+            &p0,
+            &ws.y,
+            &ws.final_x,
+            &model.final_norm_w,
+            Some(&ws.final_mean),
+            &ws.final_rstd,
+            &mut ws.dx,
+            Some(&mut ws.dx16),
+        )?;
+        let pacc = ops::norm_params(rows, d, cfg.norm_eps, kind, true)?;
+        let act_p = ops::act_params(rows, cfg.d_ff)?;
+        for l in (0..cfg.n_layers).rev() {
+            let lw = &model.layers[l];
+            let sv = &ws.saved[l];
+            // MLP block: d_act = dx·W_out, through the activation, dh = d_a·W_in, norm'.
+            gemm.a_b(rows, cfg.d_ff, d, &ws.dx16, &lw.w_out, &mut ws.act, 0.0)?;
+            let f_in = match cfg.arch {
+                Arch::Gpt2 => {
+                    ops::gelu_backward(gpu, &act_p, &ws.act, &sv.a, &mut ws.d_a)?;
+                    cfg.d_ff
+                }
+                Arch::Llama => {
+                    ops::swiglu_backward(gpu, &act_p, &ws.act, &sv.a, &mut ws.d_a)?;
+                    2 * cfg.d_ff
+                }
+            };
+            gemm.a_b(rows, d, f_in, &ws.d_a, &lw.w_in, &mut ws.y, 0.0)?;
+            ops::norm_backward(
+                gpu,
+                &pacc,
+                &ws.y,
+                &sv.mlp_x,
+                &lw.mlp_norm_w,
+                Some(&sv.mlp_mean),
+                &sv.mlp_rstd,
+                &mut ws.dx,
+                Some(&mut ws.dx16),
+            )?;
+
+            // Attention block: dO = dx·W_o in heads, the attention backward, then (below layer
+            // 0 only) back through RoPE, the QKV projection and the norm.
+            gemm.a_b(rows, q_dim, d, &ws.dx16, &lw.wo, &mut ws.o_rows, 0.0)?;
+            let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
+            ops::rows_to_heads(gpu, &op, &ws.o_rows, None, None, &mut ws.d_o)?;
+            let (bk, bv) = &ws.bank[l];
+            let inputs = DevAttnInputs {
+                q: &sv.q,
+                k: &sv.k,
+                v: &sv.v,
+                prefix_k: bk,
+                prefix_v: bv,
+                prefix_index: &ws.prefix_index,
+                valid_len: &ws.valid_len,
+            };
+            attn::backward(
+                gpu,
+                &s_attn,
+                attn_scale(&cfg),
+                deterministic,
+                &inputs,
+                &sv.o,
+                &sv.lse,
+                &ws.d_o,
+                &mut ws.attn_ws,
+                &mut ws.attn_grads,
+            )?;
+            if bank_len > 0 {
+                let base = l * 2 * bank_len;
+                let mut dst = ws.prefix_grads.slice_mut(base..base + bank_len);
+                stream
+                    .memcpy_dtod(&ws.attn_grads.d_prefix_k.slice(0..bank_len), &mut dst)
+                    .map_err(dev_err("collecting prefix key gradients"))?;
+                let mut dst = ws
+                    .prefix_grads
+                    .slice_mut(base + bank_len..base + 2 * bank_len);
+                stream
+                    .memcpy_dtod(&ws.attn_grads.d_prefix_v.slice(0..bank_len), &mut dst)
+                    .map_err(dev_err("collecting prefix value gradients"))?;
+            }
+            if l == 0 {
+                break;
+            }
+            let grads = [
+                (&ws.attn_grads.dq, 0, cfg.n_heads, use_rope),
+                (&ws.attn_grads.dk, q_dim, cfg.n_kv_heads, use_rope),
+                (&ws.attn_grads.dv, q_dim + kv_dim, cfg.n_kv_heads, false),
+            ];
+            for (src, col, heads, rot) in grads {
+                let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
+                let rope_args = rot.then(|| {
+                    let r = rope.as_ref().expect("RoPE tables");
+                    RopeArgs {
+                        pos_offset: &ws.pos_offset,
+                        cos: &r.cos,
+                        sin: &r.sin,
+                    }
+                });
+                ops::heads_to_rows(gpu, &hp, src, rope_args, &mut ws.qkv)?;
+            }
+            gemm.a_b(rows, d, qkv_w, &ws.qkv, &lw.wqkv, &mut ws.y, 0.0)?;
+            ops::norm_backward(
+                gpu,
+                &pacc,
+                &ws.y,
+                &sv.attn_x,
+                &lw.attn_norm_w,
+                Some(&sv.attn_mean),
+                &sv.attn_rstd,
+                &mut ws.dx,
+                Some(&mut ws.dx16),
+            )?;
+        }
+
+        let mut grad = PrefixBank::<f32>::zeros(
+            shape.n_prefixes,
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            shape.prefix,
+            hd,
+        );
+        if bank_len > 0 {
+            let all = stream
+                .clone_dtoh(&ws.prefix_grads.slice(0..cfg.n_layers * 2 * bank_len))
+                .map_err(dev_err("downloading prefix gradients"))?;
+            gpu.synchronize()?;
+            for l in 0..cfg.n_layers {
+                let base = l * 2 * bank_len;
+                let widen =
+                    |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32() * unscale).collect() };
+                grad.k[l] = widen(&all[base..base + bank_len]);
+                grad.v[l] = widen(&all[base + bank_len..base + 2 * bank_len]);
+            }
+        } else {
+            gpu.synchronize()?;
+        }
+        Ok(grad.all_finite().then_some(grad))
+    }
+}
+
+/// The softmax scale of the attention: 1/sqrt(head_dim).
+fn attn_scale(cfg: &ModelConfig) -> f32 {
+    (1.0 / (cfg.head_dim as f64).sqrt()) as f32
+}
+
+fn loss_output(loss_sum: Vec<f64>, batch: &Batch) -> LossOutput<f32> {
+    let n_targets = batch.n_targets();
+    let total: usize = n_targets.iter().sum();
+    let mean = if total == 0 {
+        0.0
+    } else {
+        loss_sum.iter().sum::<f64>() / total as f64
+    };
+    LossOutput {
+        loss_sum: loss_sum.iter().map(|&x| x as f32).collect(),
+        n_targets,
+        mean_loss: mean as f32,
+    }
+}
+
+impl Engine for CudaEngine {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CUDA engine on {}: fp16 weights ({:.1} MiB), fused prefix attention, cuBLAS; \
+             decoding on the CPU reference",
+            self.gpu.description(),
+            mib(self.model.bytes)
+        )
+    }
+
+    fn loss(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<LossOutput<f32>> {
+        check_run(&self.cfg, prefix, batch, opts)?;
+        if batch.rows() == 0 {
+            return Ok(loss_output(vec![0.0; batch.batch], batch));
+        }
+        let shape = self.forward(prefix, batch, opts, false)?;
+        let sums = self.head(&shape, batch, None)?;
+        self.note_memory();
+        Ok(loss_output(sums, batch))
+    }
+
+    fn loss_and_grad(
+        &mut self,
+        prefix: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<(LossOutput<f32>, PrefixBank<f32>)> {
+        check_run(&self.cfg, Some(prefix), batch, opts)?;
+        let total: usize = batch.n_targets().iter().sum();
+        if batch.rows() == 0 || total == 0 {
+            let out = self.loss(Some(prefix), batch, opts)?;
+            return Ok((out, prefix.zeros_like()));
+        }
+        let shape = self.forward(Some(prefix), batch, opts, true)?;
+        let mut first_loss = None;
+        loop {
+            let s = self.scaler.scale;
+            let sums = self.head(&shape, batch, Some(s / total as f32))?;
+            let out = first_loss
+                .get_or_insert_with(|| loss_output(sums, batch))
+                .clone();
+            if !out.mean_loss.is_finite() {
+                bail!(
+                    "the GPU forward gave a non-finite loss ({}): the fp16 activations overflowed \
+                     (use --device cpu for this model or data)",
+                    out.mean_loss
+                );
+            }
+            match self.backward(&shape, 1.0 / s)? {
+                Some(mut grad) => {
+                    self.scaler.good_steps += 1;
+                    if self.scaler.good_steps >= GROWTH_INTERVAL && s < MAX_SCALE {
+                        self.scaler.scale = s * 2.0;
+                        self.scaler.good_steps = 0;
+                    }
+                    self.note_memory();
+                    if prefix.len == 0 {
+                        grad = prefix.zeros_like();
+                    }
+                    return Ok((out, grad));
+                }
+                None => {
+                    self.overflow_retries += 1;
+                    self.scaler.good_steps = 0;
+                    if s / 2.0 < MIN_SCALE {
+                        bail!(
+                            "the prefix gradient is not finite even at loss scale {s}: the fp16 \
+                             backward overflowed (use --device cpu)"
+                        );
+                    }
+                    self.scaler.scale = s / 2.0;
+                }
+            }
+        }
+    }
+
+    fn begin_decode(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        prefix_index: &[Option<usize>],
+        opts: &RunOptions,
+    ) -> Result<Box<dyn DecodeCache>> {
+        self.cpu.begin_decode(prefix, prefix_index, opts)
+    }
+
+    fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
+        self.cpu.decode(cache, tokens)
+    }
+}

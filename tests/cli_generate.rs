@@ -649,10 +649,9 @@ fn smollm2_greedy_knows_paris() {
     assert!(text.contains("Paris"), "SmolLM2 said: {text:?}");
     // HF transformers' greedy continuation (tests/fixtures/smollm2_logits.json, made by
     // tools/oracle/make_fixtures.py from the same GGUF in float64).
-    let fx: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("smollm2_logits.json")).unwrap(),
-    )
-    .unwrap();
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_logits.json")).unwrap())
+            .unwrap();
     let hf: Vec<u32> = fx["greedy"]["new_ids"]
         .as_array()
         .unwrap()
@@ -660,4 +659,21 @@ fn smollm2_greedy_knows_paris() {
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
     assert_eq!(tokens_of(&out[0]), hf, "greedy tokens differ from HF's");
+}
+
+#[test]
+fn help_shows_examples() {
+    for cmd in [
+        &["--help"][..],
+        &["generate", "--help"],
+        &["export", "--help"],
+        &["info", "--help"],
+    ] {
+        let out = run_ok(cmd);
+        assert!(
+            out.contains("Examples:"),
+            "{cmd:?} --help has no example:\n{out}"
+        );
+        assert!(out.contains("prefix-tune "), "{cmd:?}");
+    }
 }

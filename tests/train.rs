@@ -548,3 +548,77 @@ fn eval_per_example_losses_match_the_reference() {
         }
     }
 }
+
+#[test]
+fn init_from_a_peft_adapter_and_from_text() {
+    let d = tempfile::tempdir().unwrap();
+    let mdir = fixture("llama_tiny");
+    let data = write_data(d.path(), 4, 17);
+    // A PEFT adapter: its length (5) wins over --prefix-len; a negligible step leaves it in place.
+    let adapter = mdir.join("peft_adapter");
+    let (peft_bank, _) = prefix_tune::prefix::import_peft_adapter(&adapter).unwrap();
+    let out = d.path().join("peft");
+    let o = run_ok(&[
+        "train",
+        "--model",
+        s(&mdir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--init-prefix",
+        s(&adapter),
+        "--prefix-len",
+        "3",
+        "--steps",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e-12",
+        "--device",
+        "cpu",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("wins"));
+    let got = prefix_values(&out.join("prefix.safetensors"));
+    assert_eq!(
+        load_prefix(&out.join("prefix.safetensors")).unwrap().0.len,
+        5
+    );
+    let e = rel_err(&got, &peft_bank.to_flat());
+    assert!(e < 1e-6, "PEFT init moved: {e}");
+
+    // --init-text with --prefix-len: the text's tokens repeated to the length, then the model's
+    // own keys/values of them.
+    let m = load_model(&mdir).unwrap();
+    let tokens = m.tokenizer.encode("table:").unwrap();
+    let cycled: Vec<u32> = tokens.iter().copied().cycle().take(9).collect();
+    let want = prefix_tune::prefix::init_from_text(&m.weights.cast::<f64>(), &cycled).unwrap();
+    let out = d.path().join("text");
+    run_ok(&[
+        "train",
+        "--model",
+        s(&mdir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--init-text",
+        "table:",
+        "--prefix-len",
+        "9",
+        "--steps",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e-12",
+        "--device",
+        "cpu",
+    ]);
+    let (bank, meta) = load_prefix(&out.join("prefix.safetensors")).unwrap();
+    assert_eq!((bank.len, meta.prefix_len), (9, 9));
+    let e = rel_err(&bank.to_flat(), &want.to_flat());
+    eprintln!("init-text rel err {e:.2e}");
+    assert!(e < 1e-5, "init-text prefix differs: {e}");
+}

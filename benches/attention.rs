@@ -21,8 +21,9 @@ use prefix_tune::reference::attention::AttnShape;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// (label, shape, FLOPs per call, per-call milliseconds of every timed batch).
-static RESULTS: Mutex<Vec<(String, AttnShape, f64, Vec<f64>)>> = Mutex::new(Vec::new());
+/// One timed case: label, shape, FLOPs per call, per-call milliseconds of every timed batch.
+type Timing = (String, AttnShape, f64, Vec<f64>);
+static RESULTS: Mutex<Vec<Timing>> = Mutex::new(Vec::new());
 
 fn fwd_flops(s: &AttnShape) -> f64 {
     4.0 * (s.batch * s.q_heads * s.head_dim * s.seq) as f64 * (s.prefix as f64 + s.seq as f64 / 2.0)

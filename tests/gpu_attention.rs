@@ -82,14 +82,11 @@ fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
     v
 }
 
-fn upload<T: cudarc::driver::DeviceRepr>(
+fn upload<T: cudarc::driver::DeviceRepr + Copy>(
     g: &GpuContext,
     x: &[T],
     poison: T,
-) -> cudarc::driver::CudaSlice<T>
-where
-    T: Copy,
-{
+) -> cudarc::driver::CudaSlice<T> {
     // Never zero-length: CUDA cannot allocate 0 bytes.
     let owned;
     let src = if x.is_empty() {

@@ -125,7 +125,12 @@ pub fn run(args: InfoArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "engine         CPU reference (the GPU engine is not built yet)"
+        "--device auto  {}",
+        if gpu.is_ok() && kernels {
+            "the CUDA engine on this GPU (if the model fits its kernels), else the CPU reference"
+        } else {
+            "the CPU reference engine (no usable GPU)"
+        }
     )?;
     Ok(())
 }

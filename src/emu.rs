@@ -98,6 +98,22 @@ mod ffi {
             d_prefix_k: *mut u16,
             d_prefix_v: *mut u16,
         ) -> i32;
+        pub fn pt_emu_ldmatrix_bank_conflicts() -> u64;
+    }
+}
+
+/// Number of emulated `ldmatrix` matrices so far (all launches of this process) whose 8 row
+/// addresses hit the same shared-memory bank group twice (a conflict on the GPU); 0 without the
+/// emulation.
+pub fn ldmatrix_bank_conflicts() -> u64 {
+    #[cfg(prefix_tune_emulation)]
+    {
+        // SAFETY: reads an atomic counter.
+        unsafe { ffi::pt_emu_ldmatrix_bank_conflicts() }
+    }
+    #[cfg(not(prefix_tune_emulation))]
+    {
+        0
     }
 }
 

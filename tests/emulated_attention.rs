@@ -201,6 +201,11 @@ fn run_case(c: &Case, seed: u64) -> f64 {
         }
     }
     println!("  worst relative error {worst:.2e}");
+    let conflicts = emu::ldmatrix_bank_conflicts();
+    assert_eq!(
+        conflicts, 0,
+        "{conflicts} ldmatrix accesses with shared-memory bank conflicts"
+    );
     worst
 }
 

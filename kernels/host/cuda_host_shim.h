@@ -83,6 +83,10 @@ struct ThreadState {
 
 inline thread_local ThreadState tls;
 
+// ldmatrix phases (one 8x8 matrix: 8 row addresses of 16 B) whose rows share a shared-memory bank
+// group (banks of 4 B, 32 of them: a 16-byte row covers 4), i.e. would serialise on the GPU.
+inline std::atomic<unsigned long long> ldmatrix_bank_conflicts{0};
+
 [[noreturn]] inline void fail(const char *what, const void *addr) {
     std::fprintf(stderr, "prefix-tune host emulation: %s (address %p, block %p + %zu bytes)\n", what,
                  addr, static_cast<void *>(tls.block->smem), tls.block->smem_bytes);

@@ -106,3 +106,8 @@ extern "C" int pt_emu_attn_bwd(const pt_attn_params *params, const uint16_t *q, 
         }
     });
 }
+
+// ldmatrix operations so far (all launches) whose 8 row addresses hit a shared-memory bank twice.
+extern "C" unsigned long long pt_emu_ldmatrix_bank_conflicts() {
+    return pt_emu::ldmatrix_bank_conflicts.load();
+}

@@ -37,6 +37,25 @@ inline const void *const *exchange_addr(const void *mine) {
     return st.warp->addrs[ph];
 }
 
+// Counts the bank conflicts of one ldmatrix.x4 (checked by lane 0 for the warp): the 8 row
+// addresses of each matrix must fall in 8 distinct 16-byte bank groups of shared memory.
+inline void count_bank_conflicts(const void *const *addrs) {
+    if (pt_emu::tls.lane != 0) return;
+    const auto *base = pt_emu::tls.block->smem;
+    for (unsigned i = 0; i < 4; ++i) {
+        unsigned seen = 0;
+        for (unsigned r = 0; r < 8; ++r) {
+            const auto off = static_cast<size_t>(static_cast<const unsigned char *>(addrs[8 * i + r]) - base);
+            const unsigned group = 1u << ((off / 16) % 8);
+            if (seen & group) {
+                pt_emu::ldmatrix_bank_conflicts.fetch_add(1, std::memory_order_relaxed);
+                break;
+            }
+            seen |= group;
+        }
+    }
+}
+
 } // namespace emu_detail
 
 // D = A B + C for m16n8k16: products of fp16 values are exact in float; the 16 products of one
@@ -68,6 +87,7 @@ inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], cons
 inline void ldmatrix_x4(uint32_t r[4], const void *row) {
     pt_emu::check_smem(row, 16, "ldmatrix row address not 16-byte aligned or outside shared memory");
     const void *const *addrs = emu_detail::exchange_addr(row);
+    emu_detail::count_bank_conflicts(addrs);
     const unsigned lane = pt_emu::tls.lane;
     for (unsigned i = 0; i < 4; ++i) {
         const uint16_t *src = static_cast<const uint16_t *>(addrs[8 * i + lane / 4]);
@@ -80,6 +100,7 @@ inline void ldmatrix_x4(uint32_t r[4], const void *row) {
 inline void ldmatrix_x4_trans(uint32_t r[4], const void *row) {
     pt_emu::check_smem(row, 16, "ldmatrix.trans row address not 16-byte aligned or outside shared memory");
     const void *const *addrs = emu_detail::exchange_addr(row);
+    emu_detail::count_bank_conflicts(addrs);
     const unsigned lane = pt_emu::tls.lane;
     for (unsigned i = 0; i < 4; ++i) {
         const uint16_t *r0 = static_cast<const uint16_t *>(addrs[8 * i + 2 * (lane % 4)]);

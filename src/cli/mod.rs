@@ -17,6 +17,7 @@ use crate::model::{load_model, LoadedModel};
 use crate::prefix::{import_peft_adapter, load_prefix_for, PrefixBank};
 use crate::reference::model::Positions;
 
+pub mod bench;
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -51,6 +52,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Describe a model: architecture, sizes, tokenizer, prefix costs, GPU availability.
     Info(info::InfoArgs),
+    /// Benchmarks (`bench train`: the GPU engine's training step).
+    Bench(bench::BenchArgs),
 }
 
 /// Runs one parsed command.
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Export(a) => export::run(a),
         Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -548,6 +548,12 @@ impl CudaEngine {
         self.ws.as_ref().map_or(0, |w| w.bytes)
     }
 
+    /// Bytes this engine allocated on the device: the fp16 weights and the workspace (the
+    /// counterpart of torch's `max_memory_allocated`; cuBLAS and the context come on top).
+    pub fn allocated_bytes(&self) -> usize {
+        self.model.bytes + self.workspace_bytes()
+    }
+
     /// The device, as the context describes it.
     pub fn device_description(&self) -> &str {
         self.gpu.description()

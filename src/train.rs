@@ -448,7 +448,6 @@ pub fn train(
     let mut order = epoch_order(st.rng_seed, st.epoch, train.len());
     let mut prefix = trainable.prefix();
     let per_step = config.batch_size * config.grad_accum;
-    let start_step = st.step;
     let mut steps_this_run = 0u64;
 
     let bar = make_bar(setup.progress, config.steps, st.step);
@@ -660,7 +659,6 @@ pub fn train(
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let _ = start_step;
 
     let mut final_prefix_path = None;
     if !stopped_early {

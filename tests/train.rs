@@ -622,3 +622,66 @@ fn init_from_a_peft_adapter_and_from_text() {
     eprintln!("init-text rel err {e:.2e}");
     assert!(e < 1e-5, "init-text prefix differs: {e}");
 }
+
+#[test]
+fn positions_convention_is_recorded_and_used() {
+    let d = tempfile::tempdir().unwrap();
+    let mdir = fixture("gpt2_tiny");
+    let data = write_data(d.path(), 4, 41);
+    let out = d.path().join("fz");
+    run_ok(&[
+        "train",
+        "--model",
+        s(&mdir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--prefix-len",
+        "4",
+        "--positions",
+        "from-zero",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    let (bank, meta) = load_prefix(&out.join("prefix.safetensors")).unwrap();
+    assert_eq!(meta.positions, Positions::FromZero);
+    // eval on the run directory takes the prefix's convention: its total matches the reference
+    // run with real tokens from position 0, not after the prefix.
+    let o = run_ok(&[
+        "eval",
+        "--model",
+        s(&mdir),
+        "--prefix",
+        s(&out),
+        "--data",
+        s(&data),
+        "--json",
+    ]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got = lines.last().unwrap()["loss_sum"].as_f64().unwrap();
+    let m = load_model(&mdir).unwrap();
+    let ex = load_examples(&data).unwrap();
+    let set = encode_examples(&m.tokenizer, &ex, 1000, LongPolicy::Truncate, "d").unwrap();
+    let refs: Vec<_> = set.items.iter().collect();
+    let batch = make_batch(&refs, m.tokenizer.eos_token_ids()[0]);
+    let w64 = m.weights.cast::<f64>();
+    let b64 = bank.cast::<f64>();
+    let sum = |p: Positions| -> f64 {
+        loss(&w64, Some(&b64), &batch, &RunOptions { positions: p })
+            .loss_sum
+            .iter()
+            .sum()
+    };
+    let (fz, ap) = (sum(Positions::FromZero), sum(Positions::AfterPrefix));
+    assert!((got - fz).abs() < 1e-4 * fz, "{got} vs from-zero {fz}");
+    assert!(
+        (got - ap).abs() > 1e-3 * ap,
+        "the conventions should differ here: {fz} vs {ap}"
+    );
+}

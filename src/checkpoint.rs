@@ -210,3 +210,70 @@ pub fn load_checkpoint<S: DeserializeOwned>(dir: &Path) -> Result<Checkpoint<S>>
         dir: ck,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Arch;
+    use crate::optim::{AdamW, AdamWConfig};
+    use crate::reference::model::Positions;
+
+    fn meta(bank: &PrefixBank<f32>) -> PrefixMeta {
+        PrefixMeta {
+            arch: Arch::Llama,
+            n_layers: bank.n_layers,
+            kv_heads: bank.kv_heads,
+            head_dim: bank.head_dim,
+            prefix_len: bank.len,
+            fingerprint: "test".into(),
+            positions: Positions::AfterPrefix,
+            training_args: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_fallback_to_the_old_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let bank = PrefixBank::<f32>::random(1, 2, 2, 3, 4, 1.0, 7);
+        let params = bank.to_flat();
+        let mut opt = AdamW::new(AdamWConfig::default(), params.len());
+        let grads: Vec<f32> = params.iter().map(|x| x.sin()).collect();
+        let mut p2 = params.clone();
+        opt.step(&mut p2, &grads, 1e-3);
+        let optimizer = Optimizer::AdamW(opt);
+        for step in [3u64, 6] {
+            let parts = CheckpointParts {
+                params: &p2,
+                optimizer: &optimizer,
+                prefix: &bank,
+                meta: &meta(&bank),
+                reparam: None,
+            };
+            save_checkpoint(dir.path(), &step, &parts).unwrap();
+        }
+        let ck: Checkpoint<u64> = load_checkpoint(dir.path()).unwrap();
+        assert_eq!(ck.state, 6);
+        assert!(ck
+            .params
+            .iter()
+            .zip(&p2)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(ck.optimizer, optimizer);
+        assert!(!dir.path().join("checkpoint.tmp").exists());
+        assert!(!dir.path().join("checkpoint.old").exists());
+        // A crash between the two renames leaves only checkpoint.old: it is used.
+        std::fs::rename(
+            dir.path().join(CHECKPOINT_DIR),
+            dir.path().join("checkpoint.old"),
+        )
+        .unwrap();
+        let ck: Checkpoint<u64> = load_checkpoint(dir.path()).unwrap();
+        assert_eq!(ck.state, 6);
+        // A corrupt trainer file is an error naming it, not a panic.
+        let f = dir.path().join("checkpoint.old").join(TRAINER_FILE);
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+        let e = format!("{:#}", load_checkpoint::<u64>(dir.path()).unwrap_err());
+        assert!(e.contains("trainer.safetensors"), "{e}");
+    }
+}

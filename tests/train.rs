@@ -685,3 +685,41 @@ fn positions_convention_is_recorded_and_used() {
         "the conventions should differ here: {fz} vs {ap}"
     );
 }
+
+#[test]
+fn epochs_visit_every_example_once_per_epoch() {
+    let d = tempfile::tempdir().unwrap();
+    let mdir = fixture("llama_tiny");
+    let data = write_data(d.path(), 6, 51);
+    let out = d.path().join("ep");
+    run_ok(&[
+        "train",
+        "--model",
+        s(&mdir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--prefix-len",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    let recs: Vec<Value> = metrics(&out)
+        .into_iter()
+        .filter(|r| r.get("loss").is_some())
+        .collect();
+    assert_eq!(recs.len(), 4, "2 epochs of 6 examples in steps of 3");
+    // Each epoch is a permutation: the target tokens of two steps add up to the whole data set's.
+    let m = load_model(&mdir).unwrap();
+    let ex = load_examples(&data).unwrap();
+    let set = encode_examples(&m.tokenizer, &ex, 1000, LongPolicy::Truncate, "d").unwrap();
+    let all: u64 = set.items.iter().map(|e| e.target.len() as u64).sum();
+    let t: Vec<u64> = recs.iter().map(|r| r["tokens"].as_u64().unwrap()).collect();
+    assert_eq!(t[0] + t[1], all);
+    assert_eq!(t[2] + t[3], all);
+}

@@ -8,11 +8,13 @@
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
 pub mod assets;
+pub mod bench;
 pub mod cli;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod emu;
+pub mod emu_backend;
 pub mod emu_ops;
 pub mod engine;
 pub mod generate;

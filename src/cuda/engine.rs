@@ -25,14 +25,12 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use anyhow::{bail, Context, Result};
 use half::f16;
 
-use super::attention::{self as attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
-use super::context::GpuContext;
-use super::gemm::Gemm;
-use super::model_ops::{self as ops, NormFwdBufs, NormKind, RopeArgs};
+use super::attention as attn;
+use super::backend::{AttnBufs, Backend, Elem, GpuBackend, NormBufs, RopeBufs};
+use super::model_ops::{self as ops, NormKind};
 use crate::engine::{check_run, CpuEngine, DecodeCache, Engine};
 use crate::model::config::{Arch, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
@@ -54,88 +52,56 @@ fn to_f16(x: &[f32]) -> Vec<f16> {
     x.iter().map(|&v| f16::from_f32(v)).collect()
 }
 
-/// Allocates `n` zeroed elements (at least one: CUDA cannot allocate zero bytes); an
-/// out-of-memory error says how much was asked and what to reduce.
-fn alloc<T: DeviceRepr + ValidAsZeroBits>(
-    gpu: &GpuContext,
-    what: &str,
-    n: usize,
-) -> Result<CudaSlice<T>> {
-    let n = n.max(1);
-    gpu.stream().alloc_zeros::<T>(n).map_err(|e| {
-        let bytes = n * std::mem::size_of::<T>();
-        let free = gpu
-            .context()
-            .mem_get_info()
-            .map(|(f, t)| format!("{:.1} MiB free of {:.1} MiB", mib(f), mib(t)))
-            .unwrap_or_else(|_| "free memory unknown".into());
-        anyhow!(
-            "out of GPU memory? allocating {what} ({:.1} MiB) failed: {e:?} ({free}). Reduce the \
-             batch size (--batch-size) or the sequence length (--max-len), or use --device cpu",
-            mib(bytes)
-        )
-    })
-}
-
-fn upload<T: DeviceRepr>(gpu: &GpuContext, what: &str, x: &[T]) -> Result<CudaSlice<T>> {
-    if x.is_empty() {
-        bail!("uploading {what}: empty tensor");
-    }
-    gpu.stream().clone_htod(x).map_err(|e| {
-        anyhow!(
-            "uploading {what} ({:.1} MiB): {e:?}",
-            mib(std::mem::size_of_val(x))
-        )
-    })
+/// `x` in a new device buffer.
+fn upload<B: Backend, T: Elem>(be: &B, what: &str, x: &[T]) -> Result<B::Buf<T>> {
+    let mut buf = be.alloc::<T>(what, x.len())?;
+    be.write(what, x, &mut buf)?;
+    Ok(buf)
 }
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-fn dev_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> anyhow::Error + '_ {
-    move |e| anyhow!("{what}: {e:?}")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Weights on the device.
 
-struct DevLayer {
-    attn_norm_w: CudaSlice<f16>,
-    attn_norm_b: Option<CudaSlice<f16>>,
+struct DevLayer<B: Backend> {
+    attn_norm_w: B::Buf<f16>,
+    attn_norm_b: Option<B::Buf<f16>>,
     /// `[q_dim + 2·kv_dim, d]`, and the q, k, v biases.
-    wqkv: CudaSlice<f16>,
-    bqkv: Option<[CudaSlice<f16>; 3]>,
+    wqkv: B::Buf<f16>,
+    bqkv: Option<[B::Buf<f16>; 3]>,
     /// `[d, q_dim]`.
-    wo: CudaSlice<f16>,
-    bo: Option<CudaSlice<f16>>,
-    mlp_norm_w: CudaSlice<f16>,
-    mlp_norm_b: Option<CudaSlice<f16>>,
+    wo: B::Buf<f16>,
+    bo: Option<B::Buf<f16>>,
+    mlp_norm_w: B::Buf<f16>,
+    mlp_norm_b: Option<B::Buf<f16>>,
     /// GPT-2 `[f, d]` (+ bias); Llama `[2f, d]` = `[W_gate; W_up]`.
-    w_in: CudaSlice<f16>,
-    b_in: Option<CudaSlice<f16>>,
+    w_in: B::Buf<f16>,
+    b_in: Option<B::Buf<f16>>,
     /// `[d, f]`.
-    w_out: CudaSlice<f16>,
-    b_out: Option<CudaSlice<f16>>,
+    w_out: B::Buf<f16>,
+    b_out: Option<B::Buf<f16>>,
 }
 
-struct DevModel {
-    tok_emb: CudaSlice<f16>,
-    pos_emb: Option<CudaSlice<f16>>,
-    layers: Vec<DevLayer>,
-    final_norm_w: CudaSlice<f16>,
-    final_norm_b: Option<CudaSlice<f16>>,
+struct DevModel<B: Backend> {
+    tok_emb: B::Buf<f16>,
+    pos_emb: Option<B::Buf<f16>>,
+    layers: Vec<DevLayer<B>>,
+    final_norm_w: B::Buf<f16>,
+    final_norm_b: Option<B::Buf<f16>>,
     /// Untied head `[vocab, d]` (`None`: the token embedding).
-    lm_head: Option<CudaSlice<f16>>,
+    lm_head: Option<B::Buf<f16>>,
     bytes: usize,
 }
 
-impl DevModel {
-    fn upload(gpu: &GpuContext, m: &ModelWeights<f32>) -> Result<Self> {
+impl<B: Backend> DevModel<B> {
+    fn upload(be: &B, m: &ModelWeights<f32>) -> Result<Self> {
         let mut bytes = 0usize;
-        let mut up = |what: &str, x: &[f32]| -> Result<CudaSlice<f16>> {
+        let mut up = |what: &str, x: &[f32]| -> Result<B::Buf<f16>> {
             bytes += 2 * x.len();
-            upload(gpu, what, &to_f16(x))
+            upload(be, what, &to_f16(x))
         };
         let tok_emb = up("token embedding", &m.tok_emb)?;
         let pos_emb = m
@@ -213,7 +179,7 @@ impl DevModel {
         })
     }
 
-    fn head(&self) -> &CudaSlice<f16> {
+    fn head(&self) -> &B::Buf<f16> {
         self.lm_head.as_ref().unwrap_or(&self.tok_emb)
     }
 }
@@ -265,75 +231,74 @@ impl Capacity {
 }
 
 /// What one layer's forward keeps for the backward.
-struct LayerSaved {
+struct LayerSaved<B: Backend> {
     /// Attention block input (fp16 copy of the residual) and its norm statistics.
-    attn_x: CudaSlice<f16>,
-    attn_mean: CudaSlice<f32>,
-    attn_rstd: CudaSlice<f32>,
+    attn_x: B::Buf<f16>,
+    attn_mean: B::Buf<f32>,
+    attn_rstd: B::Buf<f32>,
     /// `[B, H, T, D]` after bias and RoPE; the attention output and its LSE.
-    q: CudaSlice<f16>,
-    k: CudaSlice<f16>,
-    v: CudaSlice<f16>,
-    o: CudaSlice<f16>,
-    lse: CudaSlice<f32>,
+    q: B::Buf<f16>,
+    k: B::Buf<f16>,
+    v: B::Buf<f16>,
+    o: B::Buf<f16>,
+    lse: B::Buf<f32>,
     /// MLP block input and its norm statistics.
-    mlp_x: CudaSlice<f16>,
-    mlp_mean: CudaSlice<f32>,
-    mlp_rstd: CudaSlice<f32>,
+    mlp_x: B::Buf<f16>,
+    mlp_mean: B::Buf<f32>,
+    mlp_rstd: B::Buf<f32>,
     /// GPT-2: the biased pre-activation `[rows, f]`; Llama: `[gate | up]` `[rows, 2f]`.
-    a: CudaSlice<f16>,
+    a: B::Buf<f16>,
 }
 
-struct Workspace {
+struct Workspace<B: Backend> {
     cap: Capacity,
-    saved: Vec<LayerSaved>,
-    tokens: CudaSlice<i32>,
-    pos_offset: CudaSlice<i32>,
-    prefix_index: CudaSlice<i32>,
-    valid_len: CudaSlice<i32>,
+    saved: Vec<LayerSaved<B>>,
+    tokens: B::Buf<i32>,
+    pos_offset: B::Buf<i32>,
+    prefix_index: B::Buf<i32>,
+    valid_len: B::Buf<i32>,
     /// Per layer, the prefix bank's keys and values in fp16.
-    bank: Vec<(CudaSlice<f16>, CudaSlice<f16>)>,
+    bank: Vec<(B::Buf<f16>, B::Buf<f16>)>,
     /// Residual stream `[rows, d]` fp32, the norm output `[rows, d]` (after the last layer: the
     /// final hidden states), and the final norm's input and statistics.
-    x: CudaSlice<f32>,
-    h: CudaSlice<f16>,
-    final_x: CudaSlice<f16>,
-    final_mean: CudaSlice<f32>,
-    final_rstd: CudaSlice<f32>,
+    x: B::Buf<f32>,
+    h: B::Buf<f16>,
+    final_x: B::Buf<f16>,
+    final_mean: B::Buf<f32>,
+    final_rstd: B::Buf<f32>,
     /// `[rows, q + 2kv]`: the fused projection (forward) / its gradient (backward).
-    qkv: CudaSlice<f16>,
+    qkv: B::Buf<f16>,
     /// `[rows, q_dim]`: the attention output as rows / the output projection's input gradient.
-    o_rows: CudaSlice<f16>,
+    o_rows: B::Buf<f16>,
     /// `[B, Hq, T, D]`: dO.
-    d_o: CudaSlice<f16>,
+    d_o: B::Buf<f16>,
     /// `[rows, d]`: branch outputs (forward), norm input gradients (backward).
-    y: CudaSlice<f16>,
+    y: B::Buf<f16>,
     /// `[rows, f]`: the activation output / its gradient.
-    act: CudaSlice<f16>,
+    act: B::Buf<f16>,
     /// `[rows, f or 2f]`: the pre-activation gradient.
-    d_a: CudaSlice<f16>,
+    d_a: B::Buf<f16>,
     /// Residual gradient, fp32 and its fp16 copy.
-    dx: CudaSlice<f32>,
-    dx16: CudaSlice<f16>,
+    dx: B::Buf<f32>,
+    dx16: B::Buf<f16>,
     /// Head chunk: rows, logits, row gradient, indices, labels, losses.
     chunk: usize,
-    head_h: CudaSlice<f16>,
-    logits: CudaSlice<f16>,
-    head_dh: CudaSlice<f16>,
-    head_idx: CudaSlice<i32>,
-    head_labels: CudaSlice<i32>,
-    head_loss: CudaSlice<f32>,
-    chunk_loss: CudaSlice<f32>,
+    head_h: B::Buf<f16>,
+    logits: B::Buf<f16>,
+    head_dh: B::Buf<f16>,
+    head_idx: B::Buf<i32>,
+    head_labels: B::Buf<i32>,
+    head_loss: B::Buf<f32>,
+    chunk_loss: B::Buf<f32>,
     /// Attention backward scratch and gradients (reused per layer).
-    attn_ws: AttnWorkspace,
-    attn_grads: DevAttnGrads,
+    attn: B::AttnScratch,
     /// Per layer `[k | v]` prefix gradients (fp16, loss-scaled), copied out of `attn_grads`.
-    prefix_grads: CudaSlice<f16>,
+    prefix_grads: B::Buf<f16>,
     bytes: usize,
 }
 
-impl Workspace {
-    fn new(gpu: &GpuContext, cfg: &ModelConfig, cap: Capacity) -> Result<Self> {
+impl<B: Backend> Workspace<B> {
+    fn new(be: &B, cfg: &ModelConfig, cap: Capacity) -> Result<Self> {
         let (b, t) = (cap.batch, cap.seq);
         let rows = b * t;
         let (d, hd) = (cfg.d_model, cfg.head_dim);
@@ -348,7 +313,7 @@ impl Workspace {
         let mut bytes = 0usize;
         let mut h16 = |what: &str, n: usize| {
             bytes += 2 * n;
-            alloc::<f16>(gpu, what, n)
+            be.alloc::<f16>(what, n)
         };
         let n_saved = if cap.train { cfg.n_layers } else { 1 };
         let mut saved = Vec::with_capacity(n_saved);
@@ -357,16 +322,16 @@ impl Workspace {
             let w = |s: &str| format!("layer {l} {s} ({b} sequences × {t} tokens)");
             saved.push(LayerSaved {
                 attn_x: h16(&w("attention input"), rows * d)?,
-                attn_mean: alloc(gpu, "norm statistics", rows)?,
-                attn_rstd: alloc(gpu, "norm statistics", rows)?,
+                attn_mean: be.alloc("norm statistics", rows)?,
+                attn_rstd: be.alloc("norm statistics", rows)?,
                 q: h16(&w("queries"), rows * q_dim)?,
                 k: h16(&w("keys"), rows * kv_dim)?,
                 v: h16(&w("values"), rows * kv_dim)?,
                 o: h16(&w("attention output"), rows * q_dim)?,
-                lse: alloc(gpu, "attention LSE", b * cfg.n_heads * t)?,
+                lse: be.alloc("attention LSE", b * cfg.n_heads * t)?,
                 mlp_x: h16(&w("MLP input"), rows * d)?,
-                mlp_mean: alloc(gpu, "norm statistics", rows)?,
-                mlp_rstd: alloc(gpu, "norm statistics", rows)?,
+                mlp_mean: be.alloc("norm statistics", rows)?,
+                mlp_rstd: be.alloc("norm statistics", rows)?,
                 a: h16(&w("MLP pre-activation"), rows * f_in)?,
             });
             f32s.push(4 * (5 * rows + b * cfg.n_heads * t));
@@ -377,23 +342,23 @@ impl Workspace {
         }
         let ws = Workspace {
             cap,
-            tokens: alloc(gpu, "token ids", rows)?,
-            pos_offset: alloc(gpu, "position offsets", b)?,
-            prefix_index: alloc(gpu, "prefix indices", b)?,
-            valid_len: alloc(gpu, "valid lengths", b)?,
+            tokens: be.alloc("token ids", rows)?,
+            pos_offset: be.alloc("position offsets", b)?,
+            prefix_index: be.alloc("prefix indices", b)?,
+            valid_len: be.alloc("valid lengths", b)?,
             bank: bank_bufs,
-            x: alloc(gpu, "residual stream", rows * d)?,
+            x: be.alloc("residual stream", rows * d)?,
             h: h16("norm output", rows * d)?,
             final_x: h16("final norm input", rows * d)?,
-            final_mean: alloc(gpu, "norm statistics", rows)?,
-            final_rstd: alloc(gpu, "norm statistics", rows)?,
+            final_mean: be.alloc("norm statistics", rows)?,
+            final_rstd: be.alloc("norm statistics", rows)?,
             qkv: h16("qkv projection", rows * (q_dim + 2 * kv_dim))?,
             o_rows: h16("attention output rows", rows * q_dim)?,
             d_o: h16("attention output gradient", rows * q_dim)?,
             y: h16("branch output", rows * d)?,
             act: h16("MLP activation", rows * cfg.d_ff)?,
             d_a: h16("MLP pre-activation gradient", rows * f_in)?,
-            dx: alloc(gpu, "residual gradient", rows * d)?,
+            dx: be.alloc("residual gradient", rows * d)?,
             dx16: h16("residual gradient (fp16)", rows * d)?,
             chunk,
             head_h: h16("head chunk rows", chunk * d)?,
@@ -405,14 +370,13 @@ impl Workspace {
                 chunk * cfg.vocab_size,
             )?,
             head_dh: h16("head chunk gradient", chunk * d)?,
-            head_idx: alloc(gpu, "head row indices", chunk)?,
-            head_labels: alloc(gpu, "head labels", chunk)?,
-            head_loss: alloc(gpu, "head losses", rows)?,
-            chunk_loss: alloc(gpu, "head chunk losses", chunk)?,
-            attn_ws: AttnWorkspace::new(gpu, &cap.attn_shape(cfg), true)
+            head_idx: be.alloc("head row indices", chunk)?,
+            head_labels: be.alloc("head labels", chunk)?,
+            head_loss: be.alloc("head losses", rows)?,
+            chunk_loss: be.alloc("head chunk losses", chunk)?,
+            attn: be
+                .attn_scratch(&cap.attn_shape(cfg))
                 .context("allocating the attention backward workspace")?,
-            attn_grads: DevAttnGrads::new(gpu, &cap.attn_shape(cfg))
-                .context("allocating the attention gradients")?,
             prefix_grads: h16("prefix gradients", cfg.n_layers * 2 * bank)?,
             saved,
             bytes: 0,
@@ -426,21 +390,21 @@ impl Workspace {
 }
 
 /// RoPE cos/sin tables `[n_positions, D/2]` in fp32 (angles computed in f64 on the host).
-struct RopeTables {
+struct RopeTables<B: Backend> {
     n_positions: usize,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    cos: B::Buf<f32>,
+    sin: B::Buf<f32>,
 }
 
-impl RopeTables {
-    fn new(gpu: &GpuContext, cfg: &ModelConfig, n_positions: usize) -> Result<Self> {
+impl<B: Backend> RopeTables<B> {
+    fn new(be: &B, cfg: &ModelConfig, n_positions: usize) -> Result<Self> {
         let positions: Vec<usize> = (0..n_positions).collect();
         let r = Rope::<f64>::new(cfg.head_dim, cfg.rope_theta, &positions);
         let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         Ok(RopeTables {
             n_positions,
-            cos: upload(gpu, "RoPE cosines", &f(&r.cos))?,
-            sin: upload(gpu, "RoPE sines", &f(&r.sin))?,
+            cos: upload(be, "RoPE cosines", &f(&r.cos))?,
+            sin: upload(be, "RoPE sines", &f(&r.sin))?,
         })
     }
 }
@@ -469,15 +433,15 @@ impl CallShape {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The frozen model on a CUDA GPU (see the module documentation).
-pub struct CudaEngine {
-    gpu: GpuContext,
-    gemm: Gemm,
-    model: DevModel,
+/// The frozen model on a device `B` (see the module documentation): [`CudaEngine`] on a GPU,
+/// `crate::emu_backend::EmuEngine` on the host emulation of the kernels.
+pub struct ModelEngine<B: Backend> {
+    be: B,
+    model: DevModel<B>,
     cfg: ModelConfig,
     cpu: CpuEngine,
-    ws: Option<Workspace>,
-    rope: Option<RopeTables>,
+    ws: Option<Workspace<B>>,
+    rope: Option<RopeTables<B>>,
     scaler: LossScaler,
     overflow_retries: u64,
     peak_used: usize,
@@ -485,33 +449,47 @@ pub struct CudaEngine {
     pub deterministic: bool,
 }
 
+/// The GPU engine.
+pub type CudaEngine = ModelEngine<GpuBackend>;
+
 impl CudaEngine {
     /// Opens GPU 0, checks that the model fits the kernels and uploads its weights in fp16.
     pub fn new(weights: Arc<ModelWeights<f32>>) -> Result<Self> {
-        let cfg = weights.config.clone();
-        if !attn::SUPPORTED_HEAD_DIMS.contains(&cfg.head_dim) {
-            bail!(
-                "the GPU engine's fused attention kernels support head dims {:?}; this model has \
-                 head dim {} (use --device cpu)",
-                attn::SUPPORTED_HEAD_DIMS,
-                cfg.head_dim
-            );
-        }
-        if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
-            bail!(
-                "{} query heads are not a multiple of {} kv heads",
-                cfg.n_heads,
-                cfg.n_kv_heads
-            );
-        }
-        let gpu = GpuContext::new(0)?;
-        let gemm = Gemm::new(&gpu)?;
-        let model = DevModel::upload(&gpu, &weights).context("uploading the model to the GPU")?;
-        let mut e = CudaEngine {
-            gpu,
-            gemm,
+        check_model(&weights.config)?;
+        let be = GpuBackend::new()?;
+        ModelEngine::with_backend(be, weights).context("uploading the model to the GPU")
+    }
+}
+
+/// Whether the kernels can run a model of this configuration.
+pub fn check_model(cfg: &ModelConfig) -> Result<()> {
+    if !attn::SUPPORTED_HEAD_DIMS.contains(&cfg.head_dim) {
+        bail!(
+            "the GPU engine's fused attention kernels support head dims {:?}; this model has \
+             head dim {} (use --device cpu)",
+            attn::SUPPORTED_HEAD_DIMS,
+            cfg.head_dim
+        );
+    }
+    if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+        bail!(
+            "{} query heads are not a multiple of {} kv heads",
+            cfg.n_heads,
+            cfg.n_kv_heads
+        );
+    }
+    Ok(())
+}
+
+impl<B: Backend> ModelEngine<B> {
+    /// The engine on an opened device: uploads the weights in fp16.
+    pub fn with_backend(be: B, weights: Arc<ModelWeights<f32>>) -> Result<Self> {
+        check_model(&weights.config)?;
+        let model = DevModel::upload(&be, &weights)?;
+        let mut e = ModelEngine {
+            be,
             model,
-            cfg,
+            cfg: weights.config.clone(),
             cpu: CpuEngine::new(weights),
             ws: None,
             rope: None,
@@ -537,6 +515,12 @@ impl CudaEngine {
         self.scaler.scale
     }
 
+    /// Sets the loss scale (tests use it to provoke overflows).
+    pub fn set_loss_scale(&mut self, scale: f32) {
+        self.scaler.scale = scale;
+        self.scaler.good_steps = 0;
+    }
+
     /// Peak device memory in use (bytes, all of the device as the driver reports it) seen at the
     /// end of each call so far.
     pub fn peak_device_memory(&self) -> usize {
@@ -554,14 +538,14 @@ impl CudaEngine {
         self.model.bytes + self.workspace_bytes()
     }
 
-    /// The device, as the context describes it.
-    pub fn device_description(&self) -> &str {
-        self.gpu.description()
+    /// The device, as the backend describes it.
+    pub fn device_description(&self) -> String {
+        self.be.describe()
     }
 
     fn note_memory(&mut self) {
-        if let Ok((free, total)) = self.gpu.context().mem_get_info() {
-            self.peak_used = self.peak_used.max(total.saturating_sub(free));
+        if let Some(used) = self.be.memory_in_use() {
+            self.peak_used = self.peak_used.max(used);
         }
     }
 
@@ -578,7 +562,7 @@ impl CudaEngine {
         if !fits {
             let cap = self.ws.as_ref().map_or(want, |w| w.cap.max(&want));
             self.ws = None; // free the old one first
-            self.ws = Some(Workspace::new(&self.gpu, &self.cfg, cap)?);
+            self.ws = Some(Workspace::new(&self.be, &self.cfg, cap)?);
         }
         if self.cfg.arch == Arch::Llama
             && self
@@ -587,7 +571,7 @@ impl CudaEngine {
                 .map_or(true, |r| r.n_positions < max_position)
         {
             let n = max_position.max(self.cfg.max_positions.min(1 << 16));
-            self.rope = Some(RopeTables::new(&self.gpu, &self.cfg, n)?);
+            self.rope = Some(RopeTables::new(&self.be, &self.cfg, n)?);
         }
         Ok(())
     }
@@ -618,15 +602,13 @@ impl CudaEngine {
         };
         self.prepare(&shape, train, offset + batch.seq)?;
         let Self {
-            gpu,
-            gemm,
+            be,
             model,
             ws,
             rope,
             ..
         } = self;
         let ws = ws.as_mut().expect("prepared workspace");
-        let stream = gpu.stream().clone();
         let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
@@ -634,12 +616,12 @@ impl CudaEngine {
 
         // Inputs.
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
-        stream
-            .memcpy_htod(&tokens, &mut ws.tokens)
-            .map_err(dev_err("uploading token ids"))?;
-        stream
-            .memcpy_htod(&vec![offset as i32; b], &mut ws.pos_offset)
-            .map_err(dev_err("uploading position offsets"))?;
+        be.write("uploading token ids", &tokens, &mut ws.tokens)?;
+        be.write(
+            "uploading position offsets",
+            &vec![offset as i32; b],
+            &mut ws.pos_offset,
+        )?;
         let s_attn = AttnShape {
             batch: b,
             q_heads: cfg.n_heads,
@@ -650,21 +632,13 @@ impl CudaEngine {
             n_prefixes,
         };
         let (pi, vl) = attn::index_arrays(&s_attn, &batch.prefix_index, &batch.valid_len)?;
-        stream
-            .memcpy_htod(&pi, &mut ws.prefix_index)
-            .map_err(dev_err("uploading prefix indices"))?;
-        stream
-            .memcpy_htod(&vl, &mut ws.valid_len)
-            .map_err(dev_err("uploading valid lengths"))?;
+        be.write("uploading prefix indices", &pi, &mut ws.prefix_index)?;
+        be.write("uploading valid lengths", &vl, &mut ws.valid_len)?;
         if let Some(p) = prefix.filter(|p| p.len > 0) {
             for l in 0..cfg.n_layers {
                 let (bk, bv) = &mut ws.bank[l];
-                stream
-                    .memcpy_htod(&to_f16(&p.k[l]), bk)
-                    .map_err(dev_err("uploading prefix keys"))?;
-                stream
-                    .memcpy_htod(&to_f16(&p.v[l]), bv)
-                    .map_err(dev_err("uploading prefix values"))?;
+                be.write("uploading prefix keys", &to_f16(&p.k[l]), bk)?;
+                be.write("uploading prefix values", &to_f16(&p.v[l]), bv)?;
             }
         }
 
@@ -682,8 +656,7 @@ impl CudaEngine {
             cfg.vocab_size,
             model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
         )?;
-        ops::embedding_forward(
-            gpu,
+        be.embedding(
             &emb_p,
             &ws.tokens,
             &ws.pos_offset,
@@ -693,15 +666,14 @@ impl CudaEngine {
         )?;
 
         // The branch output still to be added to the residual, with its bias.
-        let mut pending: Option<Option<&CudaSlice<f16>>> = None;
+        let mut pending: Option<Option<&B::Buf<f16>>> = None;
         let n_saved = ws.saved.len();
         for (l, lw) in model.layers.iter().enumerate() {
             let sv = &mut ws.saved[l % n_saved];
             // Attention block.
-            ops::add_norm_forward(
-                gpu,
+            be.add_norm(
                 &norm_p,
-                NormFwdBufs {
+                NormBufs {
                     x: &mut ws.x,
                     y: pending.map(|_| &ws.y),
                     y_bias: pending.flatten(),
@@ -713,27 +685,27 @@ impl CudaEngine {
                     rstd: &mut sv.attn_rstd,
                 },
             )?;
-            gemm.a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv, 0.0)?;
-            let parts: [(usize, usize, bool, &mut CudaSlice<f16>); 3] = [
+            be.gemm_a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv)?;
+            let parts: [(usize, usize, bool, &mut B::Buf<f16>); 3] = [
                 (0, cfg.n_heads, use_rope, &mut sv.q),
                 (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
                 (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
             ];
             for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
                 let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
-                let bias_ref = lw.bqkv.as_ref().map(|bs| &bs[i]);
-                let rope_args = rot.then(|| {
+                let bias = lw.bqkv.as_ref().map(|bs| &bs[i]);
+                let rope_bufs = rot.then(|| {
                     let r = rope.as_ref().expect("RoPE tables");
-                    RopeArgs {
+                    RopeBufs {
                         pos_offset: &ws.pos_offset,
                         cos: &r.cos,
                         sin: &r.sin,
                     }
                 });
-                ops::rows_to_heads(gpu, &hp, &ws.qkv, bias_ref, rope_args, dst)?;
+                be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
             }
             let (bk, bv) = &ws.bank[l];
-            let inputs = DevAttnInputs {
+            let inputs = AttnBufs {
                 q: &sv.q,
                 k: &sv.k,
                 v: &sv.v,
@@ -742,23 +714,15 @@ impl CudaEngine {
                 prefix_index: &ws.prefix_index,
                 valid_len: &ws.valid_len,
             };
-            attn::forward(
-                gpu,
-                &s_attn,
-                attn_scale(&cfg),
-                &inputs,
-                &mut sv.o,
-                &mut sv.lse,
-            )?;
+            be.attn_fwd(&s_attn, attn_scale(&cfg), inputs, &mut sv.o, &mut sv.lse)?;
             let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
-            ops::heads_to_rows(gpu, &op, &sv.o, None, &mut ws.o_rows)?;
-            gemm.a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y, 0.0)?;
+            be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
+            be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
 
             // MLP block.
-            ops::add_norm_forward(
-                gpu,
+            be.add_norm(
                 &norm_p,
-                NormFwdBufs {
+                NormBufs {
                     x: &mut ws.x,
                     y: Some(&ws.y),
                     y_bias: lw.bo.as_ref(),
@@ -773,21 +737,20 @@ impl CudaEngine {
             let act_p = ops::act_params(rows, cfg.d_ff)?;
             match cfg.arch {
                 Arch::Gpt2 => {
-                    gemm.a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a, 0.0)?;
-                    ops::gelu_forward(gpu, &act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
+                    be.gemm_a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+                    be.gelu_fwd(&act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
                 }
                 Arch::Llama => {
-                    gemm.a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a, 0.0)?;
-                    ops::swiglu_forward(gpu, &act_p, &sv.a, &mut ws.act)?;
+                    be.gemm_a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+                    be.swiglu_fwd(&act_p, &sv.a, &mut ws.act)?;
                 }
             }
-            gemm.a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y, 0.0)?;
+            be.gemm_a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y)?;
             pending = Some(lw.b_out.as_ref());
         }
-        ops::add_norm_forward(
-            gpu,
+        be.add_norm(
             &norm_p,
-            NormFwdBufs {
+            NormBufs {
                 x: &mut ws.x,
                 y: pending.map(|_| &ws.y),
                 y_bias: pending.flatten(),
@@ -811,10 +774,10 @@ impl CudaEngine {
         batch: &Batch,
         grad_scale: Option<f32>,
     ) -> Result<Vec<f64>> {
-        let cfg = &self.cfg;
-        let gpu = &self.gpu;
-        let ws = self.ws.as_mut().expect("workspace");
-        let stream = gpu.stream().clone();
+        let Self {
+            be, model, ws, cfg, ..
+        } = self;
+        let ws = ws.as_mut().expect("workspace");
         let (d, vocab) = (cfg.d_model, cfg.vocab_size);
         let rows = shape.rows();
         let targets: Vec<(usize, u32)> = (0..rows)
@@ -822,51 +785,37 @@ impl CudaEngine {
             .filter_map(|r| batch.labels[r].map(|t| (r, t)))
             .collect();
         if grad_scale.is_some() {
-            stream
-                .memset_zeros(&mut ws.y)
-                .map_err(dev_err("zeroing the hidden-state gradient"))?;
+            be.zero("zeroing the hidden-state gradient", &mut ws.y)?;
         }
-        let head = self.model.head();
+        let head = model.head();
         let mut offset = 0;
         for group in targets.chunks(ws.chunk) {
             let c = group.len();
             let idx: Vec<i32> = group.iter().map(|&(r, _)| r as i32).collect();
             let labels: Vec<i32> = group.iter().map(|&(_, t)| t as i32).collect();
-            stream
-                .memcpy_htod(&idx, &mut ws.head_idx)
-                .map_err(dev_err("uploading head rows"))?;
-            stream
-                .memcpy_htod(&labels, &mut ws.head_labels)
-                .map_err(dev_err("uploading labels"))?;
+            be.write("uploading head rows", &idx, &mut ws.head_idx)?;
+            be.write("uploading labels", &labels, &mut ws.head_labels)?;
             let rp = ops::rows_params(c, d)?;
-            ops::gather_rows(gpu, &rp, rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
-            self.gemm
-                .a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits, 0.0)?;
+            be.gather_rows(&rp, rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
+            be.gemm_a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits)?;
             let cp = ops::ce_params(c, vocab, grad_scale)?;
-            ops::cross_entropy(
-                gpu,
-                &cp,
-                &mut ws.logits,
-                &ws.head_labels,
-                &mut ws.chunk_loss,
+            be.cross_entropy(&cp, &mut ws.logits, &ws.head_labels, &mut ws.chunk_loss)?;
+            be.copy(
+                "collecting losses",
+                &ws.chunk_loss,
+                0..c,
+                &mut ws.head_loss,
+                offset,
             )?;
-            let mut loss_view = ws.head_loss.slice_mut(offset..offset + c);
-            stream
-                .memcpy_dtod(&ws.chunk_loss.slice(0..c), &mut loss_view)
-                .map_err(dev_err("collecting losses"))?;
             if grad_scale.is_some() {
-                self.gemm
-                    .a_b(c, d, vocab, &ws.logits, head, &mut ws.head_dh, 0.0)?;
-                ops::scatter_rows(gpu, &rp, rows, &ws.head_dh, &ws.head_idx, &mut ws.y)?;
+                be.gemm_a_b(c, d, vocab, &ws.logits, head, &mut ws.head_dh)?;
+                be.scatter_rows(&rp, rows, &ws.head_dh, &ws.head_idx, &mut ws.y)?;
             }
             offset += c;
         }
         let mut loss_sum = vec![0.0f64; shape.batch];
         if offset > 0 {
-            let losses = stream
-                .clone_dtoh(&ws.head_loss.slice(0..offset))
-                .map_err(dev_err("downloading losses"))?;
-            gpu.synchronize()?;
+            let losses = be.read("downloading losses", &ws.head_loss, 0..offset)?;
             for (&(r, _), &l) in targets.iter().zip(&losses) {
                 loss_sum[r / shape.seq] += l as f64;
             }
@@ -880,15 +829,13 @@ impl CudaEngine {
         let cfg = self.cfg.clone();
         let deterministic = self.deterministic;
         let Self {
-            gpu,
-            gemm,
+            be,
             model,
             ws,
             rope,
             ..
         } = self;
         let ws = ws.as_mut().expect("workspace");
-        let stream = gpu.stream().clone();
         let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
@@ -912,8 +859,7 @@ impl CudaEngine {
 
         // Final norm: dx = norm'(dh).
         let p0 = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
-        ops::norm_backward(
-            gpu,
+        be.norm_bwd(
             &p0,
             &ws.y,
             &ws.final_x,
@@ -929,20 +875,19 @@ impl CudaEngine {
             let lw = &model.layers[l];
             let sv = &ws.saved[l];
             // MLP block: d_act = dx·W_out, through the activation, dh = d_a·W_in, norm'.
-            gemm.a_b(rows, cfg.d_ff, d, &ws.dx16, &lw.w_out, &mut ws.act, 0.0)?;
+            be.gemm_a_b(rows, cfg.d_ff, d, &ws.dx16, &lw.w_out, &mut ws.act)?;
             let f_in = match cfg.arch {
                 Arch::Gpt2 => {
-                    ops::gelu_backward(gpu, &act_p, &ws.act, &sv.a, &mut ws.d_a)?;
+                    be.gelu_bwd(&act_p, &ws.act, &sv.a, &mut ws.d_a)?;
                     cfg.d_ff
                 }
                 Arch::Llama => {
-                    ops::swiglu_backward(gpu, &act_p, &ws.act, &sv.a, &mut ws.d_a)?;
+                    be.swiglu_bwd(&act_p, &ws.act, &sv.a, &mut ws.d_a)?;
                     2 * cfg.d_ff
                 }
             };
-            gemm.a_b(rows, d, f_in, &ws.d_a, &lw.w_in, &mut ws.y, 0.0)?;
-            ops::norm_backward(
-                gpu,
+            be.gemm_a_b(rows, d, f_in, &ws.d_a, &lw.w_in, &mut ws.y)?;
+            be.norm_bwd(
                 &pacc,
                 &ws.y,
                 &sv.mlp_x,
@@ -955,11 +900,11 @@ impl CudaEngine {
 
             // Attention block: dO = dx·W_o in heads, the attention backward, then (below layer
             // 0 only) back through RoPE, the QKV projection and the norm.
-            gemm.a_b(rows, q_dim, d, &ws.dx16, &lw.wo, &mut ws.o_rows, 0.0)?;
+            be.gemm_a_b(rows, q_dim, d, &ws.dx16, &lw.wo, &mut ws.o_rows)?;
             let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
-            ops::rows_to_heads(gpu, &op, &ws.o_rows, None, None, &mut ws.d_o)?;
+            be.rows_to_heads(&op, &ws.o_rows, None, None, &mut ws.d_o)?;
             let (bk, bv) = &ws.bank[l];
-            let inputs = DevAttnInputs {
+            let inputs = AttnBufs {
                 q: &sv.q,
                 k: &sv.k,
                 v: &sv.v,
@@ -968,54 +913,56 @@ impl CudaEngine {
                 prefix_index: &ws.prefix_index,
                 valid_len: &ws.valid_len,
             };
-            attn::backward(
-                gpu,
+            be.attn_bwd(
                 &s_attn,
                 attn_scale(&cfg),
                 deterministic,
-                &inputs,
+                inputs,
                 &sv.o,
                 &sv.lse,
                 &ws.d_o,
-                &mut ws.attn_ws,
-                &mut ws.attn_grads,
+                &mut ws.attn,
             )?;
+            let grads = B::attn_grads(&ws.attn);
             if bank_len > 0 {
                 let base = l * 2 * bank_len;
-                let mut dst = ws.prefix_grads.slice_mut(base..base + bank_len);
-                stream
-                    .memcpy_dtod(&ws.attn_grads.d_prefix_k.slice(0..bank_len), &mut dst)
-                    .map_err(dev_err("collecting prefix key gradients"))?;
-                let mut dst = ws
-                    .prefix_grads
-                    .slice_mut(base + bank_len..base + 2 * bank_len);
-                stream
-                    .memcpy_dtod(&ws.attn_grads.d_prefix_v.slice(0..bank_len), &mut dst)
-                    .map_err(dev_err("collecting prefix value gradients"))?;
+                be.copy(
+                    "collecting prefix key gradients",
+                    grads.d_prefix_k,
+                    0..bank_len,
+                    &mut ws.prefix_grads,
+                    base,
+                )?;
+                be.copy(
+                    "collecting prefix value gradients",
+                    grads.d_prefix_v,
+                    0..bank_len,
+                    &mut ws.prefix_grads,
+                    base + bank_len,
+                )?;
             }
             if l == 0 {
                 break;
             }
-            let grads = [
-                (&ws.attn_grads.dq, 0, cfg.n_heads, use_rope),
-                (&ws.attn_grads.dk, q_dim, cfg.n_kv_heads, use_rope),
-                (&ws.attn_grads.dv, q_dim + kv_dim, cfg.n_kv_heads, false),
+            let parts = [
+                (grads.dq, 0, cfg.n_heads, use_rope),
+                (grads.dk, q_dim, cfg.n_kv_heads, use_rope),
+                (grads.dv, q_dim + kv_dim, cfg.n_kv_heads, false),
             ];
-            for (src, col, heads, rot) in grads {
+            for (src, col, heads, rot) in parts {
                 let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
-                let rope_args = rot.then(|| {
+                let rope_bufs = rot.then(|| {
                     let r = rope.as_ref().expect("RoPE tables");
-                    RopeArgs {
+                    RopeBufs {
                         pos_offset: &ws.pos_offset,
                         cos: &r.cos,
                         sin: &r.sin,
                     }
                 });
-                ops::heads_to_rows(gpu, &hp, src, rope_args, &mut ws.qkv)?;
+                be.heads_to_rows(&hp, src, rope_bufs, &mut ws.qkv)?;
             }
-            gemm.a_b(rows, d, qkv_w, &ws.qkv, &lw.wqkv, &mut ws.y, 0.0)?;
-            ops::norm_backward(
-                gpu,
+            be.gemm_a_b(rows, d, qkv_w, &ws.qkv, &lw.wqkv, &mut ws.y)?;
+            be.norm_bwd(
                 &pacc,
                 &ws.y,
                 &sv.attn_x,
@@ -1035,19 +982,21 @@ impl CudaEngine {
             hd,
         );
         if bank_len > 0 {
-            let all = stream
-                .clone_dtoh(&ws.prefix_grads.slice(0..cfg.n_layers * 2 * bank_len))
-                .map_err(dev_err("downloading prefix gradients"))?;
-            gpu.synchronize()?;
+            let all = be.read(
+                "downloading prefix gradients",
+                &ws.prefix_grads,
+                0..cfg.n_layers * 2 * bank_len,
+            )?;
+            let widen =
+                |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32() * unscale).collect() };
             for l in 0..cfg.n_layers {
                 let base = l * 2 * bank_len;
-                let widen =
-                    |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32() * unscale).collect() };
                 grad.k[l] = widen(&all[base..base + bank_len]);
                 grad.v[l] = widen(&all[base + bank_len..base + 2 * bank_len]);
             }
         } else {
-            gpu.synchronize()?;
+            // Wait for the device like the other branch does.
+            be.read("synchronizing", &ws.head_loss, 0..1)?;
         }
         Ok(grad.all_finite().then_some(grad))
     }
@@ -1073,16 +1022,16 @@ fn loss_output(loss_sum: Vec<f64>, batch: &Batch) -> LossOutput<f32> {
     }
 }
 
-impl Engine for CudaEngine {
+impl<B: Backend> Engine for ModelEngine<B> {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
     fn describe(&self) -> String {
         format!(
-            "CUDA engine on {}: fp16 weights ({:.1} MiB), fused prefix attention, cuBLAS; \
+            "prefix-tune kernels on {}: fp16 weights ({:.1} MiB), fused prefix attention; \
              decoding on the CPU reference",
-            self.gpu.description(),
+            self.be.describe(),
             mib(self.model.bytes)
         )
     }

@@ -4,6 +4,7 @@
 //! with the driver loaded at run time, so a build without a GPU or driver still runs on the CPU.
 pub mod abi;
 pub mod attention;
+pub mod backend;
 pub mod context;
 pub mod engine;
 pub mod gemm;

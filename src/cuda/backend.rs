@@ -1,0 +1,580 @@
+//! What the model engine ([`super::engine`]) needs from a device: buffers, copies, the two GEMM
+//! shapes and one method per kernel, with the kernels' ABI structs as parameters. Two
+//! implementations run the same engine code:
+//!
+//! - [`GpuBackend`] (here): cudarc buffers on the context's stream, cuBLAS, the kernels'
+//!   launch wrappers ([`super::model_ops`], [`super::attention`]);
+//! - `crate::emu_backend::EmuBackend`: host vectors, the kernels' host emulation and a host GEMM,
+//!   so the whole engine runs (slowly) in CI without a GPU and is checked against the reference.
+//!
+//! Buffers may be longer than a call needs (workspaces are sized for the largest batch); every
+//! method checks lengths against its parameters and works on the leading elements.
+
+use std::ops::Range;
+
+use anyhow::{anyhow, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::f16;
+
+use super::abi::{
+    pt_act_params, pt_ce_params, pt_embedding_params, pt_heads_params, pt_norm_params,
+    pt_rows_params,
+};
+use super::attention::{self as attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
+use super::context::GpuContext;
+use super::gemm::Gemm;
+use super::model_ops::{self as ops, NormFwdBufs, RopeArgs};
+use crate::reference::attention::AttnShape;
+
+/// Element types of device buffers.
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
+impl Elem for f16 {}
+impl Elem for f32 {}
+impl Elem for i32 {}
+
+/// Buffers of one residual add + norm launch (see `pt_add_norm_fwd`).
+pub struct NormBufs<'a, B: Backend + ?Sized> {
+    pub x: &'a mut B::Buf<f32>,
+    pub y: Option<&'a B::Buf<f16>>,
+    pub y_bias: Option<&'a B::Buf<f16>>,
+    pub w: &'a B::Buf<f16>,
+    pub b: Option<&'a B::Buf<f16>>,
+    pub x_save: Option<&'a mut B::Buf<f16>>,
+    pub h: &'a mut B::Buf<f16>,
+    pub mean: Option<&'a mut B::Buf<f32>>,
+    pub rstd: &'a mut B::Buf<f32>,
+}
+
+/// RoPE inputs of a layout change.
+pub struct RopeBufs<'a, B: Backend + ?Sized> {
+    pub pos_offset: &'a B::Buf<i32>,
+    pub cos: &'a B::Buf<f32>,
+    pub sin: &'a B::Buf<f32>,
+}
+
+/// Inputs of one prefix-attention call (layouts of `reference::attention`).
+pub struct AttnBufs<'a, B: Backend + ?Sized> {
+    pub q: &'a B::Buf<f16>,
+    pub k: &'a B::Buf<f16>,
+    pub v: &'a B::Buf<f16>,
+    pub prefix_k: &'a B::Buf<f16>,
+    pub prefix_v: &'a B::Buf<f16>,
+    pub prefix_index: &'a B::Buf<i32>,
+    pub valid_len: &'a B::Buf<i32>,
+}
+
+/// The attention backward's outputs, held by the backend's scratch.
+pub struct AttnGradBufs<'a, B: Backend + ?Sized> {
+    pub dq: &'a B::Buf<f16>,
+    pub dk: &'a B::Buf<f16>,
+    pub dv: &'a B::Buf<f16>,
+    pub d_prefix_k: &'a B::Buf<f16>,
+    pub d_prefix_v: &'a B::Buf<f16>,
+}
+
+/// A device the model engine runs on.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend {
+    type Buf<T: Elem>;
+    /// Attention backward scratch and gradient buffers.
+    type AttnScratch;
+
+    fn describe(&self) -> String;
+    /// Device memory in use, when the device can say.
+    fn memory_in_use(&self) -> Option<usize>;
+    fn len<T: Elem>(b: &Self::Buf<T>) -> usize;
+    /// `n` zeroed elements (at least one); errors say what was asked and what to reduce.
+    fn alloc<T: Elem>(&self, what: &str, n: usize) -> Result<Self::Buf<T>>;
+    /// `src` into the leading elements of `dst`.
+    fn write<T: Elem>(&self, what: &str, src: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Elements `range` of `src` to the host (waits for the device).
+    fn read<T: Elem>(&self, what: &str, src: &Self::Buf<T>, range: Range<usize>) -> Result<Vec<T>>;
+    /// Elements `range` of `src` into `dst` from element `at`.
+    fn copy<T: Elem>(
+        &self,
+        what: &str,
+        src: &Self::Buf<T>,
+        range: Range<usize>,
+        dst: &mut Self::Buf<T>,
+        at: usize,
+    ) -> Result<()>;
+    fn zero<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>) -> Result<()>;
+
+    /// Row-major `C[m,n] = A[m,k]·B[n,k]ᵀ`.
+    fn gemm_a_bt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f16>,
+        b: &Self::Buf<f16>,
+        c: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    /// Row-major `C[m,n] = A[m,k]·B[k,n]`.
+    fn gemm_a_b(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &Self::Buf<f16>,
+        b: &Self::Buf<f16>,
+        c: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+
+    fn embedding(
+        &self,
+        p: &pt_embedding_params,
+        tokens: &Self::Buf<i32>,
+        pos_offset: &Self::Buf<i32>,
+        tok_emb: &Self::Buf<f16>,
+        pos_emb: Option<&Self::Buf<f16>>,
+        x: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    fn add_norm(&self, p: &pt_norm_params, bufs: NormBufs<'_, Self>) -> Result<()>;
+    fn norm_bwd(
+        &self,
+        p: &pt_norm_params,
+        dy: &Self::Buf<f16>,
+        x: &Self::Buf<f16>,
+        w: &Self::Buf<f16>,
+        mean: Option<&Self::Buf<f32>>,
+        rstd: &Self::Buf<f32>,
+        dx: &mut Self::Buf<f32>,
+        dx16: Option<&mut Self::Buf<f16>>,
+    ) -> Result<()>;
+    fn gelu_fwd(
+        &self,
+        p: &pt_act_params,
+        a: &mut Self::Buf<f16>,
+        bias: Option<&Self::Buf<f16>>,
+        out: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn gelu_bwd(
+        &self,
+        p: &pt_act_params,
+        dy: &Self::Buf<f16>,
+        a: &Self::Buf<f16>,
+        da: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn swiglu_fwd(
+        &self,
+        p: &pt_act_params,
+        gu: &Self::Buf<f16>,
+        out: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn swiglu_bwd(
+        &self,
+        p: &pt_act_params,
+        dy: &Self::Buf<f16>,
+        gu: &Self::Buf<f16>,
+        dgu: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn rows_to_heads(
+        &self,
+        p: &pt_heads_params,
+        src: &Self::Buf<f16>,
+        bias: Option<&Self::Buf<f16>>,
+        rope: Option<RopeBufs<'_, Self>>,
+        dst: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn heads_to_rows(
+        &self,
+        p: &pt_heads_params,
+        src: &Self::Buf<f16>,
+        rope: Option<RopeBufs<'_, Self>>,
+        dst: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn gather_rows(
+        &self,
+        p: &pt_rows_params,
+        src_rows: usize,
+        src: &Self::Buf<f16>,
+        index: &Self::Buf<i32>,
+        dst: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn scatter_rows(
+        &self,
+        p: &pt_rows_params,
+        dst_rows: usize,
+        src: &Self::Buf<f16>,
+        index: &Self::Buf<i32>,
+        dst: &mut Self::Buf<f16>,
+    ) -> Result<()>;
+    fn cross_entropy(
+        &self,
+        p: &pt_ce_params,
+        logits: &mut Self::Buf<f16>,
+        targets: &Self::Buf<i32>,
+        loss: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Scratch for attention backward calls of shapes up to `cap`.
+    fn attn_scratch(&self, cap: &AttnShape) -> Result<Self::AttnScratch>;
+    fn attn_fwd(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        inp: AttnBufs<'_, Self>,
+        o: &mut Self::Buf<f16>,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// Writes the gradients into the scratch ([`Backend::attn_grads`]).
+    fn attn_bwd(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        deterministic: bool,
+        inp: AttnBufs<'_, Self>,
+        o: &Self::Buf<f16>,
+        lse: &Self::Buf<f32>,
+        d_o: &Self::Buf<f16>,
+        scratch: &mut Self::AttnScratch,
+    ) -> Result<()>;
+    fn attn_grads(scratch: &Self::AttnScratch) -> AttnGradBufs<'_, Self>;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The CUDA device: cudarc buffers, cuBLAS and the kernels.
+pub struct GpuBackend {
+    pub gpu: GpuContext,
+    gemm: Gemm,
+}
+
+impl GpuBackend {
+    /// Opens GPU 0 and cuBLAS.
+    pub fn new() -> Result<Self> {
+        let gpu = GpuContext::new(0)?;
+        let gemm = Gemm::new(&gpu)?;
+        Ok(GpuBackend { gpu, gemm })
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn dev<T>(what: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| anyhow!("{what}: {e:?}"))
+}
+
+fn rope_args<'a>(r: Option<RopeBufs<'a, GpuBackend>>) -> Option<RopeArgs<'a>> {
+    r.map(|r| RopeArgs {
+        pos_offset: r.pos_offset,
+        cos: r.cos,
+        sin: r.sin,
+    })
+}
+
+fn dev_inputs<'a>(i: &AttnBufs<'a, GpuBackend>) -> DevAttnInputs<'a> {
+    DevAttnInputs {
+        q: i.q,
+        k: i.k,
+        v: i.v,
+        prefix_k: i.prefix_k,
+        prefix_v: i.prefix_v,
+        prefix_index: i.prefix_index,
+        valid_len: i.valid_len,
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buf<T: Elem> = CudaSlice<T>;
+    type AttnScratch = (AttnWorkspace, DevAttnGrads);
+
+    fn describe(&self) -> String {
+        self.gpu.description().to_string()
+    }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        self.gpu
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| total.saturating_sub(free))
+    }
+
+    fn len<T: Elem>(b: &CudaSlice<T>) -> usize {
+        b.len()
+    }
+
+    fn alloc<T: Elem>(&self, what: &str, n: usize) -> Result<CudaSlice<T>> {
+        let n = n.max(1);
+        self.gpu.stream().alloc_zeros::<T>(n).map_err(|e| {
+            let bytes = n * std::mem::size_of::<T>();
+            let free = self
+                .gpu
+                .context()
+                .mem_get_info()
+                .map(|(f, t)| format!("{:.1} MiB free of {:.1} MiB", mib(f), mib(t)))
+                .unwrap_or_else(|_| "free memory unknown".into());
+            anyhow!(
+                "out of GPU memory? allocating {what} ({:.1} MiB) failed: {e:?} ({free}). Reduce \
+                 the batch size (--batch-size) or the sequence length (--max-len), or use \
+                 --device cpu",
+                mib(bytes)
+            )
+        })
+    }
+
+    fn write<T: Elem>(&self, what: &str, src: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if src.len() > dst.len() {
+            anyhow::bail!(
+                "{what}: {} elements into a buffer of {}",
+                src.len(),
+                dst.len()
+            );
+        }
+        dev(what, self.gpu.stream().memcpy_htod(src, dst))
+    }
+
+    fn read<T: Elem>(&self, what: &str, src: &CudaSlice<T>, range: Range<usize>) -> Result<Vec<T>> {
+        if range.end > src.len() || range.start > range.end {
+            anyhow::bail!("{what}: range {range:?} of a buffer of {}", src.len());
+        }
+        let v = dev(what, self.gpu.stream().clone_dtoh(&src.slice(range)))?;
+        self.gpu.synchronize()?;
+        Ok(v)
+    }
+
+    fn copy<T: Elem>(
+        &self,
+        what: &str,
+        src: &CudaSlice<T>,
+        range: Range<usize>,
+        dst: &mut CudaSlice<T>,
+        at: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if range.end > src.len() || at + n > dst.len() {
+            anyhow::bail!("{what}: copy {range:?} to {at} out of bounds");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut d = dst.slice_mut(at..at + n);
+        dev(
+            what,
+            self.gpu.stream().memcpy_dtod(&src.slice(range), &mut d),
+        )
+    }
+
+    fn zero<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>) -> Result<()> {
+        dev(what, self.gpu.stream().memset_zeros(dst))
+    }
+
+    fn gemm_a_bt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaSlice<f16>,
+        b: &CudaSlice<f16>,
+        c: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        self.gemm.a_bt(m, n, k, a, b, c, 0.0)
+    }
+
+    fn gemm_a_b(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaSlice<f16>,
+        b: &CudaSlice<f16>,
+        c: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        self.gemm.a_b(m, n, k, a, b, c, 0.0)
+    }
+
+    fn embedding(
+        &self,
+        p: &pt_embedding_params,
+        tokens: &CudaSlice<i32>,
+        pos_offset: &CudaSlice<i32>,
+        tok_emb: &CudaSlice<f16>,
+        pos_emb: Option<&CudaSlice<f16>>,
+        x: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        ops::embedding_forward(&self.gpu, p, tokens, pos_offset, tok_emb, pos_emb, x)
+    }
+
+    fn add_norm(&self, p: &pt_norm_params, b: NormBufs<'_, Self>) -> Result<()> {
+        ops::add_norm_forward(
+            &self.gpu,
+            p,
+            NormFwdBufs {
+                x: b.x,
+                y: b.y,
+                y_bias: b.y_bias,
+                w: b.w,
+                b: b.b,
+                x_save: b.x_save,
+                h: b.h,
+                mean: b.mean,
+                rstd: b.rstd,
+            },
+        )
+    }
+
+    fn norm_bwd(
+        &self,
+        p: &pt_norm_params,
+        dy: &CudaSlice<f16>,
+        x: &CudaSlice<f16>,
+        w: &CudaSlice<f16>,
+        mean: Option<&CudaSlice<f32>>,
+        rstd: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dx16: Option<&mut CudaSlice<f16>>,
+    ) -> Result<()> {
+        ops::norm_backward(&self.gpu, p, dy, x, w, mean, rstd, dx, dx16)
+    }
+
+    fn gelu_fwd(
+        &self,
+        p: &pt_act_params,
+        a: &mut CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        out: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::gelu_forward(&self.gpu, p, a, bias, out)
+    }
+
+    fn gelu_bwd(
+        &self,
+        p: &pt_act_params,
+        dy: &CudaSlice<f16>,
+        a: &CudaSlice<f16>,
+        da: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::gelu_backward(&self.gpu, p, dy, a, da)
+    }
+
+    fn swiglu_fwd(
+        &self,
+        p: &pt_act_params,
+        gu: &CudaSlice<f16>,
+        out: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::swiglu_forward(&self.gpu, p, gu, out)
+    }
+
+    fn swiglu_bwd(
+        &self,
+        p: &pt_act_params,
+        dy: &CudaSlice<f16>,
+        gu: &CudaSlice<f16>,
+        dgu: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::swiglu_backward(&self.gpu, p, dy, gu, dgu)
+    }
+
+    fn rows_to_heads(
+        &self,
+        p: &pt_heads_params,
+        src: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        rope: Option<RopeBufs<'_, Self>>,
+        dst: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::rows_to_heads(&self.gpu, p, src, bias, rope_args(rope), dst)
+    }
+
+    fn heads_to_rows(
+        &self,
+        p: &pt_heads_params,
+        src: &CudaSlice<f16>,
+        rope: Option<RopeBufs<'_, Self>>,
+        dst: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::heads_to_rows(&self.gpu, p, src, rope_args(rope), dst)
+    }
+
+    fn gather_rows(
+        &self,
+        p: &pt_rows_params,
+        src_rows: usize,
+        src: &CudaSlice<f16>,
+        index: &CudaSlice<i32>,
+        dst: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::gather_rows(&self.gpu, p, src_rows, src, index, dst)
+    }
+
+    fn scatter_rows(
+        &self,
+        p: &pt_rows_params,
+        dst_rows: usize,
+        src: &CudaSlice<f16>,
+        index: &CudaSlice<i32>,
+        dst: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        ops::scatter_rows(&self.gpu, p, dst_rows, src, index, dst)
+    }
+
+    fn cross_entropy(
+        &self,
+        p: &pt_ce_params,
+        logits: &mut CudaSlice<f16>,
+        targets: &CudaSlice<i32>,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        ops::cross_entropy(&self.gpu, p, logits, targets, loss)
+    }
+
+    fn attn_scratch(&self, cap: &AttnShape) -> Result<Self::AttnScratch> {
+        Ok((
+            AttnWorkspace::new(&self.gpu, cap, true)?,
+            DevAttnGrads::new(&self.gpu, cap)?,
+        ))
+    }
+
+    fn attn_fwd(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        inp: AttnBufs<'_, Self>,
+        o: &mut CudaSlice<f16>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        attn::forward(&self.gpu, s, scale, &dev_inputs(&inp), o, lse)
+    }
+
+    fn attn_bwd(
+        &self,
+        s: &AttnShape,
+        scale: f32,
+        deterministic: bool,
+        inp: AttnBufs<'_, Self>,
+        o: &CudaSlice<f16>,
+        lse: &CudaSlice<f32>,
+        d_o: &CudaSlice<f16>,
+        scratch: &mut Self::AttnScratch,
+    ) -> Result<()> {
+        let (ws, grads) = scratch;
+        attn::backward(
+            &self.gpu,
+            s,
+            scale,
+            deterministic,
+            &dev_inputs(&inp),
+            o,
+            lse,
+            d_o,
+            ws,
+            grads,
+        )
+    }
+
+    fn attn_grads(scratch: &Self::AttnScratch) -> AttnGradBufs<'_, Self> {
+        let g = &scratch.1;
+        AttnGradBufs {
+            dq: &g.dq,
+            dk: &g.dk,
+            dv: &g.dv,
+            d_prefix_k: &g.d_prefix_k,
+            d_prefix_v: &g.d_prefix_v,
+        }
+    }
+}

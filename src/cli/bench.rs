@@ -1,25 +1,43 @@
-//! `prefix-tune bench train`: the GPU engine's training step on model shapes of interest with
-//! random weights (speed does not depend on the values): tokens/s, step time, the forward's
-//! share, and the peak device memory. The HF + PEFT baseline on the same configurations is
-//! `tools/bench/peft_train.py`; `BENCHMARKS.md` holds the ratio table.
+//! `prefix-tune bench`: speed measurements.
 //!
-//! A step is what the trainer does per batch: upload the prefix, forward, chunked LM head and
-//! cross-entropy, the prefix-only backward, and the prefix gradient back on the host.
+//! - `bench attention`: the fused prefix-attention kernels on the GPU, forward and backward (with
+//!   the prefix-gradient reduction), on the grid of the kernel issue (B = 8, Hq = 16,
+//!   T ∈ {512, 1024, 2048, 4096}, P ∈ {16, 128}, D ∈ {64, 128}), timed with CUDA events; or the CPU
+//!   reference attention (plain and blockwise, f32) on a small grid with `--device cpu`.
+//! - `bench train`: the prefix-only training step (loss and prefix gradient through the
+//!   [`Engine`], plus the AdamW update) on model shapes of interest with random weights (speed does
+//!   not depend on the values), or on a real model: step time, tokens/s, the forward's time and,
+//!   on the GPU, the device memory. The HF + PEFT baseline on the same configurations is
+//!   `tools/bench/peft_train.py`; `BENCHMARKS.md` holds the ratio table.
+//!
+//! The timing itself lives in [`crate::bench`] (shared with `benches/attention.rs`). Output is a
+//! table, or one JSON object per row with `--json` (what `scripts/gpu-check` reads).
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
+use crate::bench::{
+    bench_cpu_attention, bench_gpu_attention, bench_train_steps, cpu_attention_grid,
+    gpu_attention_grid, AttnBenchOpts, AttnRow,
+};
 use crate::cuda::engine::CudaEngine;
-use crate::engine::Engine;
+use crate::cuda::GpuContext;
+use crate::engine::{open_engine, Device, Engine};
 use crate::model::config::{Arch, LayerWeights, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
-use crate::reference::model::{Batch, RunOptions};
+use crate::reference::model::Batch;
+use crate::reference::testing::{smollm2_135m_config, tiny_config};
 
 /// Benchmarks.
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  prefix-tune bench attention                 (GPU kernels, the full grid)
+  prefix-tune bench attention --device cpu --quick --json
+  prefix-tune bench train --device cuda --shape smollm2-135m gpt2-medium
+  prefix-tune bench train --device cpu --shape tiny-llama")]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub what: BenchWhat,
@@ -28,68 +46,207 @@ pub struct BenchArgs {
 /// What to benchmark.
 #[derive(Debug, Subcommand)]
 pub enum BenchWhat {
-    /// Training steps of the GPU engine (random weights).
+    /// Prefix attention forward and backward: the GPU kernels, or the CPU reference.
+    Attention(AttentionBenchArgs),
+    /// Training steps (loss, prefix gradient, AdamW update) of an engine.
     Train(TrainBenchArgs),
 }
 
-/// Model shapes for `bench train`.
+/// Where a benchmark runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BenchModel {
+pub enum BenchDevice {
+    /// The CPU reference code (f32).
+    Cpu,
+    /// The GPU (CUDA kernels, GPU engine).
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct AttentionBenchArgs {
+    /// Where to run: the GPU kernels, or the CPU reference (plain and blockwise) on a small grid.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cuda)]
+    pub device: BenchDevice,
+    /// A smaller grid (GPU: T ∈ {512, 2048}; CPU: T = 32).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also time the deterministic backward (dQ without float atomics).
+    #[arg(long)]
+    pub deterministic: bool,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Untimed calls per pass before measuring.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed runs per pass; the median is reported (default: GPU 10, CPU 3).
+    #[arg(long)]
+    pub reps: Option<usize>,
+}
+
+/// Model shapes for `bench train` (random weights).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchShape {
     /// SmolLM2-135M: Llama, 30 layers, d=576, 9 heads / 3 kv heads, vocab 49152.
+    #[value(name = "smollm2-135m", alias = "smollm2")]
     Smollm2,
-    /// GPT-2 medium: 24 layers, d=1024, 16 heads, vocab 50257.
+    /// GPT-2 medium: 24 layers, d=1024, 16 heads, vocab 50257, 1024 positions.
     Gpt2Medium,
+    /// The tests' tiny Llama (2 layers, d=32, vocab 61).
+    TinyLlama,
+    /// The tests' tiny GPT-2 (2 layers, d=32, vocab 61, 40 positions).
+    TinyGpt2,
+}
+
+impl BenchShape {
+    /// The name in tables and JSON (`smollm2`, `gpt2-medium` match tools/bench/peft_train.py).
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchShape::Smollm2 => "smollm2",
+            BenchShape::Gpt2Medium => "gpt2-medium",
+            BenchShape::TinyLlama => "tiny-llama",
+            BenchShape::TinyGpt2 => "tiny-gpt2",
+        }
+    }
+
+    /// The model configuration.
+    pub fn config(self) -> ModelConfig {
+        match self {
+            BenchShape::Smollm2 => smollm2_135m_config(),
+            BenchShape::Gpt2Medium => gpt2_medium_config(),
+            BenchShape::TinyLlama => tiny_config(Arch::Llama, true),
+            BenchShape::TinyGpt2 => tiny_config(Arch::Gpt2, true),
+        }
+    }
+}
+
+/// GPT-2 medium's shapes: 24 layers, d=1024, 16 heads of 64, d_ff 4096, vocab 50257, 1024
+/// positions, tied head.
+pub fn gpt2_medium_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Gpt2,
+        vocab_size: 50257,
+        d_model: 1024,
+        n_layers: 24,
+        n_heads: 16,
+        n_kv_heads: 16,
+        head_dim: 64,
+        d_ff: 4096,
+        max_positions: 1024,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tied_embeddings: true,
+        bos_token_id: Some(50256),
+        eos_token_ids: vec![50256],
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct TrainBenchArgs {
-    /// Models to time (default: both).
-    #[arg(long, value_enum, num_args = 1..)]
-    pub model: Vec<BenchModel>,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
+    /// Where to run: the GPU engine or the CPU reference engine.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cuda)]
+    pub device: BenchDevice,
+    /// Model shapes to time with random weights (default: smollm2-135m and gpt2-medium).
+    #[arg(long, value_enum, num_args = 1.., conflicts_with = "model")]
+    pub shape: Vec<BenchShape>,
+    /// A real model (HF directory or .gguf) instead of random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Sequences per batch (default: 8 on the GPU, 4 on the CPU).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence (default: 512 on the GPU, 128 on the CPU; at most what the model's
+    /// positions allow after the prefix).
+    #[arg(long, alias = "seq-len")]
+    pub seq: Option<usize>,
     /// Prefix length (virtual tokens).
     #[arg(long, default_value_t = 10)]
     pub prefix_len: usize,
-    /// Timed steps (after 2 warm-up steps).
-    #[arg(long, default_value_t = 10)]
-    pub steps: usize,
-    /// Also print one JSON object per model.
+    /// Timed steps; the median is reported (default: 10 on the GPU, 3 on the CPU).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Untimed steps first (default: 2 on the GPU, 1 on the CPU).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// One JSON object per model instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
+        BenchWhat::Attention(a) => attention(a),
         BenchWhat::Train(t) => train(t),
     }
 }
 
-/// The configuration of a benchmark model.
-pub fn bench_config(m: BenchModel) -> ModelConfig {
-    match m {
-        BenchModel::Smollm2 => crate::reference::testing::smollm2_135m_config(),
-        BenchModel::Gpt2Medium => ModelConfig {
-            arch: Arch::Gpt2,
-            vocab_size: 50257,
-            d_model: 1024,
-            n_layers: 24,
-            n_heads: 16,
-            n_kv_heads: 16,
-            head_dim: 64,
-            d_ff: 4096,
-            max_positions: 1024,
-            norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tied_embeddings: true,
-            bos_token_id: Some(50256),
-            eos_token_ids: vec![50256],
-        },
+fn attention(a: AttentionBenchArgs) -> Result<()> {
+    let cpu = a.device == BenchDevice::Cpu;
+    let opts = AttnBenchOpts {
+        warmup: a.warmup,
+        reps: a.reps.unwrap_or(if cpu { 3 } else { 10 }),
+        calls_per_rep: if cpu { 1 } else { 5 },
+        deterministic: a.deterministic,
+    };
+    if opts.reps == 0 {
+        bail!("--reps must be positive");
     }
+    let gpu = if cpu {
+        None
+    } else {
+        Some(GpuContext::new(0).context(
+            "bench attention times the GPU kernels and needs a usable GPU (--device cpu times the \
+             CPU reference instead)",
+        )?)
+    };
+    let shapes = if cpu {
+        cpu_attention_grid(a.quick)
+    } else {
+        gpu_attention_grid(a.quick)
+    };
+    if let Some(g) = &gpu {
+        eprintln!("{}", g.description());
+    }
+    if !a.json {
+        println!(
+            "{:<14} {:<18} {:<16} {:>10} {:>9}",
+            "impl", "pass", "shape", "ms", "TFLOP/s"
+        );
+    }
+    for (i, s) in shapes.iter().enumerate() {
+        let seed = 11 + i as u64;
+        let rows = match &gpu {
+            Some(g) => bench_gpu_attention(g, s, &opts, seed)?,
+            None => bench_cpu_attention(s, &opts, seed),
+        };
+        for r in &rows {
+            print_attn_row(r, a.json)?;
+        }
+    }
+    if !a.json {
+        let s = shapes[0];
+        println!(
+            "(B={}, Hq={}, Hkv={}; median of {} runs after {} warm-up calls; FLOPs: fwd \
+             4*B*Hq*D*T*(P+T/2), bwd 2.5x; bwd includes the prefix-gradient reduction)",
+            s.batch, s.q_heads, s.kv_heads, opts.reps, opts.warmup
+        );
+    }
+    Ok(())
+}
+
+fn print_attn_row(r: &AttnRow, json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(r)?)?;
+    } else {
+        writeln!(
+            out,
+            "{:<14} {:<18} {:<16} {:>10.3} {:>9.3}",
+            r.implementation, r.pass, r.shape, r.ms, r.tflops
+        )?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// A fast deterministic generator (xorshift64*) for random weights: uniform in [-a, a].
@@ -189,42 +346,66 @@ fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, seed: u64) -> Batch
     }
 }
 
+/// Where a benchmarked model comes from.
+enum Source {
+    Shape(BenchShape),
+    File(PathBuf),
+}
+
 fn train(a: TrainBenchArgs) -> Result<()> {
-    if a.batch_size == 0 || a.seq_len == 0 || a.steps == 0 {
-        bail!("--batch-size, --seq-len and --steps must be positive");
+    let cpu = a.device == BenchDevice::Cpu;
+    let batch_size = a.batch_size.unwrap_or(if cpu { 4 } else { 8 });
+    let steps = a.steps.unwrap_or(if cpu { 3 } else { 10 });
+    let warmup = a.warmup.unwrap_or(if cpu { 1 } else { 2 });
+    if batch_size == 0 || steps == 0 || a.seq == Some(0) {
+        bail!("--batch-size, --seq and --steps must be positive");
     }
-    let models = if a.model.is_empty() {
-        vec![BenchModel::Smollm2, BenchModel::Gpt2Medium]
-    } else {
-        a.model.clone()
+    let sources: Vec<Source> = match &a.model {
+        Some(path) => vec![Source::File(path.clone())],
+        None if a.shape.is_empty() => vec![
+            Source::Shape(BenchShape::Smollm2),
+            Source::Shape(BenchShape::Gpt2Medium),
+        ],
+        None => a.shape.iter().map(|&s| Source::Shape(s)).collect(),
     };
-    println!(
-        "{:<12} {:>3} {:>5} {:>3} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
-        "model",
-        "B",
-        "T",
-        "P",
-        "step ms",
-        "fwd ms",
-        "tokens/s",
-        "alloc MiB",
-        "peak MiB",
-        "loss scale"
-    );
-    for m in models {
-        let cfg = bench_config(m);
-        if cfg.arch == Arch::Gpt2 && a.prefix_len + a.seq_len > cfg.max_positions {
+    if !cpu {
+        // Fail before drawing a large model's random weights.
+        crate::cuda::gpu_available().map_err(|e| {
+            anyhow::anyhow!(
+                "bench train --device cuda needs a usable GPU (--device cpu runs the CPU \
+                 reference engine): {e}"
+            )
+        })?;
+    }
+    if !a.json {
+        println!(
+            "{:<12} {:<5} {:>3} {:>5} {:>3} {:>9} {:>9} {:>10} {:>9} {:>9}",
+            "model", "dev", "B", "T", "P", "step ms", "fwd ms", "tokens/s", "alloc MiB", "peak MiB"
+        );
+    }
+    for src in sources {
+        // One model at a time: GPT-2 medium's random weights are 1.4 GB in f32.
+        let (name, weights) = match src {
+            Source::Shape(s) => (s.name().to_string(), random_weights(&s.config(), 1234)),
+            Source::File(p) => (p.display().to_string(), super::load_model_arg(&p)?.weights),
+        };
+        let cfg = weights.config.clone();
+        let max_seq = if cfg.arch == Arch::Gpt2 {
+            cfg.max_positions.saturating_sub(a.prefix_len)
+        } else {
+            usize::MAX
+        };
+        let seq = match a.seq {
+            Some(t) => t,
+            None => (if cpu { 128 } else { 512 }).min(max_seq),
+        };
+        if seq == 0 || seq > max_seq {
             bail!(
-                "{m:?}: a prefix of {} plus {} tokens exceeds GPT-2's {} positions",
+                "{name}: a prefix of {} plus {seq} tokens does not fit GPT-2's {} positions",
                 a.prefix_len,
-                a.seq_len,
                 cfg.max_positions
             );
         }
-        let weights = Arc::new(random_weights(&cfg, 1234));
-        let mut engine = CudaEngine::new(weights.clone())
-            .with_context(|| format!("bench train needs the GPU engine ({m:?})"))?;
-        drop(weights);
         let mut prefix =
             PrefixBank::<f32>::zeros(1, cfg.n_layers, cfg.n_kv_heads, a.prefix_len, cfg.head_dim);
         let mut r = Fill(99);
@@ -232,55 +413,79 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             prefix.k[l] = r.vec(prefix.layer_len(), 0.5);
             prefix.v[l] = r.vec(prefix.layer_len(), 0.5);
         }
-        let batch = random_batch(&cfg, a.batch_size, a.seq_len, 7);
-        let opts = RunOptions::default();
-        for _ in 0..2 {
-            engine.loss_and_grad(&prefix, &batch, &opts)?;
-        }
-        let t0 = Instant::now();
-        for _ in 0..a.steps {
-            engine.loss_and_grad(&prefix, &batch, &opts)?;
-        }
-        let step = t0.elapsed().as_secs_f64() / a.steps as f64;
-        let t1 = Instant::now();
-        for _ in 0..a.steps {
-            engine.loss(Some(&prefix), &batch, &opts)?;
-        }
-        let fwd = t1.elapsed().as_secs_f64() / a.steps as f64;
-        let tokens = (a.batch_size * a.seq_len) as f64;
-        let peak = engine.peak_device_memory() as f64 / (1u64 << 20) as f64;
-        let allocated = engine.allocated_bytes() as f64 / (1u64 << 20) as f64;
-        println!(
-            "{:<12} {:>3} {:>5} {:>3} {:>9.2} {:>9.2} {:>10.0} {:>9.0} {:>9.0} {:>10}",
-            format!("{m:?}").to_lowercase(),
-            a.batch_size,
-            a.seq_len,
-            a.prefix_len,
-            step * 1e3,
-            fwd * 1e3,
-            tokens / step,
-            allocated,
-            peak,
-            engine.loss_scale()
+        let batch = random_batch(&cfg, batch_size, seq, 7);
+        let weights = Arc::new(weights);
+        eprintln!(
+            "timing {name} on {}: B={batch_size} T={seq} P={}, {warmup} warm-up + {steps} steps",
+            if cpu { "cpu" } else { "cuda" },
+            a.prefix_len
         );
+        // The GPU engine is kept concrete to read its memory counters.
+        let (timing, mem, device) = if cpu {
+            let mut engine = open_engine(weights, Device::Cpu)?;
+            let t = bench_train_steps(engine.as_mut(), &mut prefix, &batch, warmup, steps)
+                .with_context(|| format!("bench train {name}"))?;
+            (t, None, engine.describe())
+        } else {
+            let mut engine = CudaEngine::new(weights).with_context(|| {
+                format!(
+                    "bench train {name} needs the GPU engine (--device cpu runs the CPU reference)"
+                )
+            })?;
+            let t = bench_train_steps(&mut engine, &mut prefix, &batch, warmup, steps)
+                .with_context(|| format!("bench train {name}"))?;
+            let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+            let mem = (
+                mib(engine.allocated_bytes()),
+                mib(engine.peak_device_memory()),
+                engine.loss_scale(),
+                engine.overflow_retries(),
+            );
+            (t, Some(mem), engine.describe())
+        };
+        let tokens = (batch_size * seq) as f64;
         if a.json {
+            let mut row = serde_json::json!({
+                "bench": "train", "model": name, "device": device,
+                "batch": batch_size, "seq": seq, "prefix": a.prefix_len,
+                "warmup": warmup, "steps": steps,
+                "step_ms": timing.step_s * 1e3, "forward_ms": timing.forward_s * 1e3,
+                "tokens_per_s": tokens / timing.step_s, "loss": timing.last_loss,
+                "allocated_mib": null, "peak_device_mib": null,
+            });
+            if let Some((alloc, peak, scale, retries)) = mem {
+                row["allocated_mib"] = alloc.into();
+                row["peak_device_mib"] = peak.into();
+                row["loss_scale"] = scale.into();
+                row["overflow_retries"] = retries.into();
+            }
+            println!("{row}");
+        } else {
+            let (alloc, peak) = match mem {
+                Some((a, p, ..)) => (format!("{a:.0}"), format!("{p:.0}")),
+                None => ("n/a".into(), "n/a".into()),
+            };
             println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "train", "model": format!("{m:?}").to_lowercase(),
-                    "batch": a.batch_size, "seq": a.seq_len, "prefix": a.prefix_len,
-                    "step_ms": step * 1e3, "forward_ms": fwd * 1e3,
-                    "tokens_per_s": tokens / step, "allocated_mib": allocated,
-                    "peak_device_mib": peak,
-                    "overflow_retries": engine.overflow_retries(),
-                    "device": engine.device_description(),
-                })
+                "{:<12} {:<5} {:>3} {:>5} {:>3} {:>9.2} {:>9.2} {:>10.0} {:>9} {:>9}",
+                name,
+                if cpu { "cpu" } else { "cuda" },
+                batch_size,
+                seq,
+                a.prefix_len,
+                timing.step_s * 1e3,
+                timing.forward_s * 1e3,
+                tokens / timing.step_s,
+                alloc,
+                peak
             );
         }
     }
-    println!(
-        "(step = prefix upload + forward + chunked head/CE + prefix-only backward + gradient \
-         download; fwd = loss only; alloc = weights + workspaces; peak = device memory in use as the driver reports it)"
-    );
+    if !a.json {
+        println!(
+            "(step = loss and prefix gradient + AdamW update, median; fwd = loss only; tokens/s = \
+             B*T / step; alloc = weights + workspaces; peak = device memory in use as the driver \
+             reports it)"
+        );
+    }
     Ok(())
 }

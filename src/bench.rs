@@ -1,0 +1,511 @@
+//! Timing of the prefix attention and of the prefix-only training step, shared by
+//! `prefix-tune bench` (`src/cli/bench.rs`) and the criterion benchmark `benches/attention.rs`.
+//!
+//! Attention: the GPU kernels ([`crate::cuda::attention`]) are timed with CUDA events around a
+//! run of launches, after warm-up launches, and the median of several runs is kept; the CPU
+//! reference (plain and blockwise, f32) is timed with the wall clock. FLOPs count the two matrix
+//! products of the forward over the visible keys, `4·B·Hq·D·T·(P + T/2)`, and 2.5× that for the
+//! backward (five products instead of two), as FlashAttention counts them.
+//!
+//! Training: one step is what the trainer does per batch, `loss_and_grad` through the
+//! [`Engine`] plus an AdamW update of the prefix on the host.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::cuda::attention::{self as gpu_attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
+use crate::cuda::GpuContext;
+use crate::engine::Engine;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::prefix::PrefixBank;
+use crate::reference::attention::{self as plain, AttnInputs, AttnShape};
+use crate::reference::blockwise::{self, BlockSizes};
+use crate::reference::model::{Batch, RunOptions};
+
+/// Backward FLOPs per forward FLOP.
+pub const BWD_FLOP_FACTOR: f64 = 2.5;
+
+/// Forward FLOPs of one prefix-attention call: `4·B·Hq·D·T·(P + T/2)`.
+pub fn attention_fwd_flops(s: &AttnShape) -> f64 {
+    4.0 * (s.batch * s.q_heads * s.head_dim * s.seq) as f64 * (s.prefix as f64 + s.seq as f64 / 2.0)
+}
+
+/// The GPU grid: B = 8, Hq = Hkv = 16, T ∈ {512, 1024, 2048, 4096} ({512, 2048} when `quick`),
+/// P ∈ {16, 128}, D ∈ {64, 128}; two prefixes in the bank, sequences alternating between them.
+pub fn gpu_attention_grid(quick: bool) -> Vec<AttnShape> {
+    let seqs: &[usize] = if quick {
+        &[512, 2048]
+    } else {
+        &[512, 1024, 2048, 4096]
+    };
+    grid(8, 16, 16, seqs, &[16, 128], &[64, 128])
+}
+
+/// A grid small enough for the CPU reference: B = 4, Hq = 8, Hkv = 2 (GQA), T ∈ {128, 256},
+/// P = 16, D = 64; with `quick` B = 2, Hq = 4, T = 32.
+pub fn cpu_attention_grid(quick: bool) -> Vec<AttnShape> {
+    if quick {
+        grid(2, 4, 2, &[32], &[16], &[64])
+    } else {
+        grid(4, 8, 2, &[128, 256], &[16], &[64])
+    }
+}
+
+fn grid(
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    seqs: &[usize],
+    prefixes: &[usize],
+    dims: &[usize],
+) -> Vec<AttnShape> {
+    let mut out = Vec::new();
+    for &head_dim in dims {
+        for &seq in seqs {
+            for &prefix in prefixes {
+                out.push(AttnShape {
+                    batch,
+                    q_heads,
+                    kv_heads,
+                    seq,
+                    prefix,
+                    head_dim,
+                    n_prefixes: 2,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `T{seq}_P{prefix}_D{head_dim}`, the shape's name in tables and JSON.
+pub fn shape_label(s: &AttnShape) -> String {
+    format!("T{}_P{}_D{}", s.seq, s.prefix, s.head_dim)
+}
+
+/// The median of `v` (sorted in place); NaN for an empty slice.
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Warm-up and repetition counts of an attention measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnBenchOpts {
+    /// Untimed calls before the first measurement.
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    pub reps: usize,
+    /// Calls per timed run (GPU: between two events).
+    pub calls_per_rep: usize,
+    /// Also time the deterministic backward (GPU).
+    pub deterministic: bool,
+}
+
+/// One measured row: an implementation, a pass, a shape.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttnRow {
+    pub bench: &'static str,
+    /// `gpu`, `cpu-plain` or `cpu-blockwise`.
+    pub implementation: &'static str,
+    /// `fwd`, `bwd` or `bwd_deterministic`.
+    pub pass: &'static str,
+    pub shape: String,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub prefix: usize,
+    pub head_dim: usize,
+    /// FLOPs of one call.
+    pub flops: f64,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    pub tflops: f64,
+    pub device: String,
+}
+
+impl AttnRow {
+    fn new(
+        implementation: &'static str,
+        pass: &'static str,
+        s: &AttnShape,
+        ms: f64,
+        device: &str,
+    ) -> Self {
+        let fwd = attention_fwd_flops(s);
+        let flops = if pass == "fwd" {
+            fwd
+        } else {
+            BWD_FLOP_FACTOR * fwd
+        };
+        AttnRow {
+            bench: "attention",
+            implementation,
+            pass,
+            shape: shape_label(s),
+            batch: s.batch,
+            q_heads: s.q_heads,
+            kv_heads: s.kv_heads,
+            seq: s.seq,
+            prefix: s.prefix,
+            head_dim: s.head_dim,
+            flops,
+            ms,
+            tflops: flops / (ms * 1e-3) / 1e12,
+            device: device.to_string(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU attention.
+
+/// Uniform fp16 values in [-2, 2) on the device (never all zeros; cheap for the largest shapes).
+fn random_half(g: &GpuContext, rng: &mut StdRng, n: usize) -> Result<CudaSlice<f16>> {
+    let host: Vec<f16> = (0..n.max(1))
+        .map(|_| f16::from_f32(rng.random_range(-2.0f32..2.0)))
+        .collect();
+    g.stream()
+        .clone_htod(&host)
+        .map_err(|e| anyhow!("uploading {n} random fp16 values: {e:?}"))
+}
+
+/// Device buffers of one attention shape with random inputs; the forward has run once, so the
+/// backward can be timed on its O and LSE.
+pub struct GpuAttnCase {
+    pub shape: AttnShape,
+    pub scale: f32,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    pk: CudaSlice<f16>,
+    pv: CudaSlice<f16>,
+    d_o: CudaSlice<f16>,
+    prefix_index: CudaSlice<i32>,
+    valid_len: CudaSlice<i32>,
+    o: CudaSlice<f16>,
+    lse: CudaSlice<f32>,
+    ws: AttnWorkspace,
+    grads: DevAttnGrads,
+}
+
+impl GpuAttnCase {
+    /// Random inputs for `s` (seeded), full-length sequences alternating between the bank's
+    /// prefixes, softmax scale `1/√D`.
+    pub fn new(g: &GpuContext, s: &AttnShape, seed: u64) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let prefix_index: Vec<usize> = (0..s.batch).map(|b| b % s.n_prefixes.max(1)).collect();
+        let (pi, vl) = gpu_attn::upload_indices(g, s, &prefix_index, &vec![s.seq; s.batch])?;
+        let alloc_err = |what: &str, e| anyhow!("allocating {what}: {e:?}");
+        let mut case = GpuAttnCase {
+            shape: *s,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            q: random_half(g, &mut rng, s.q_len())?,
+            k: random_half(g, &mut rng, s.kv_len())?,
+            v: random_half(g, &mut rng, s.kv_len())?,
+            pk: random_half(g, &mut rng, s.bank_len())?,
+            pv: random_half(g, &mut rng, s.bank_len())?,
+            d_o: random_half(g, &mut rng, s.q_len())?,
+            prefix_index: pi,
+            valid_len: vl,
+            o: g.stream()
+                .alloc_zeros::<f16>(s.q_len().max(1))
+                .map_err(|e| alloc_err("o", e))?,
+            lse: g
+                .stream()
+                .alloc_zeros::<f32>(s.lse_len().max(1))
+                .map_err(|e| alloc_err("lse", e))?,
+            ws: AttnWorkspace::new(g, s, true)?,
+            grads: DevAttnGrads::new(g, s)?,
+        };
+        case.forward(g)?;
+        g.synchronize().context("the first forward")?;
+        Ok(case)
+    }
+
+    /// One forward launch (asynchronous).
+    pub fn forward(&mut self, g: &GpuContext) -> Result<()> {
+        let inp = DevAttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix_k: &self.pk,
+            prefix_v: &self.pv,
+            prefix_index: &self.prefix_index,
+            valid_len: &self.valid_len,
+        };
+        gpu_attn::forward(g, &self.shape, self.scale, &inp, &mut self.o, &mut self.lse)
+    }
+
+    /// One backward (preprocess, main kernel, prefix reduction; asynchronous).
+    pub fn backward(&mut self, g: &GpuContext, deterministic: bool) -> Result<()> {
+        let inp = DevAttnInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            prefix_k: &self.pk,
+            prefix_v: &self.pv,
+            prefix_index: &self.prefix_index,
+            valid_len: &self.valid_len,
+        };
+        gpu_attn::backward(
+            g,
+            &self.shape,
+            self.scale,
+            deterministic,
+            &inp,
+            &self.o,
+            &self.lse,
+            &self.d_o,
+            &mut self.ws,
+            &mut self.grads,
+        )
+    }
+}
+
+/// Milliseconds per call of `calls` calls of `f`, timed with CUDA events on the context's stream.
+pub fn cuda_time_ms(g: &GpuContext, calls: u64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let ctx = g.context();
+    let event = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow!("creating a CUDA event: {e:?}"))
+    };
+    let (start, end) = (event()?, event()?);
+    start
+        .record(g.stream())
+        .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
+    for _ in 0..calls {
+        f()?;
+    }
+    end.record(g.stream())
+        .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(|e| anyhow!("reading CUDA event times (a kernel failed?): {e:?}"))?;
+    Ok(ms as f64 / calls.max(1) as f64)
+}
+
+/// Warm-up, then the median over `reps` runs of `calls` calls of `f`, in ms per call.
+fn gpu_median(g: &GpuContext, o: &AttnBenchOpts, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..o.warmup {
+        f()?;
+    }
+    let mut times = (0..o.reps.max(1))
+        .map(|_| cuda_time_ms(g, o.calls_per_rep.max(1) as u64, &mut f))
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(median(&mut times))
+}
+
+/// Forward and backward (and the deterministic backward when asked) of the GPU kernels on `s`.
+pub fn bench_gpu_attention(
+    g: &GpuContext,
+    s: &AttnShape,
+    o: &AttnBenchOpts,
+    seed: u64,
+) -> Result<Vec<AttnRow>> {
+    let mut case =
+        GpuAttnCase::new(g, s, seed).with_context(|| format!("setting up {}", shape_label(s)))?;
+    let dev = g.description().to_string();
+    let mut rows = Vec::new();
+    let fwd = gpu_median(g, o, || case.forward(g))?;
+    rows.push(AttnRow::new("gpu", "fwd", s, fwd, &dev));
+    let bwd = gpu_median(g, o, || case.backward(g, false))?;
+    rows.push(AttnRow::new("gpu", "bwd", s, bwd, &dev));
+    if o.deterministic {
+        let det = gpu_median(g, o, || case.backward(g, true))?;
+        rows.push(AttnRow::new("gpu", "bwd_deterministic", s, det, &dev));
+    }
+    g.synchronize().context("attention bench kernels")?;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU attention.
+
+fn wall_median(o: &AttnBenchOpts, mut f: impl FnMut()) -> f64 {
+    for _ in 0..o.warmup {
+        f();
+    }
+    let calls = o.calls_per_rep.max(1);
+    let mut times: Vec<f64> = (0..o.reps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            for _ in 0..calls {
+                f();
+            }
+            t0.elapsed().as_secs_f64() * 1e3 / calls as f64
+        })
+        .collect();
+    median(&mut times)
+}
+
+/// Forward and backward of the CPU reference attention in f32 on `s`: the plain version
+/// (`cpu-plain`) and the blockwise, kernel-shaped one (`cpu-blockwise`, 64 × 64 tiles).
+pub fn bench_cpu_attention(s: &AttnShape, o: &AttnBenchOpts, seed: u64) -> Vec<AttnRow> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+    let (q, k, v) = (draw(s.q_len()), draw(s.kv_len()), draw(s.kv_len()));
+    let (pk, pv, d_o) = (draw(s.bank_len()), draw(s.bank_len()), draw(s.q_len()));
+    let prefix_index: Vec<usize> = (0..s.batch).map(|b| b % s.n_prefixes.max(1)).collect();
+    let valid_len = vec![s.seq; s.batch];
+    let inp = AttnInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        prefix_k: &pk,
+        prefix_v: &pv,
+        prefix_index: &prefix_index,
+        valid_len: &valid_len,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+    };
+    let dev = format!("CPU ({} threads)", rayon::current_num_threads());
+    let bs = BlockSizes::DEFAULT;
+    let mut rows = Vec::new();
+    let (out, lse) = plain::forward(s, &inp);
+    let ms = wall_median(o, || {
+        std::hint::black_box(plain::forward(s, &inp));
+    });
+    rows.push(AttnRow::new("cpu-plain", "fwd", s, ms, &dev));
+    let ms = wall_median(o, || {
+        std::hint::black_box(plain::backward(s, &inp, &out, &lse, &d_o));
+    });
+    rows.push(AttnRow::new("cpu-plain", "bwd", s, ms, &dev));
+    let ms = wall_median(o, || {
+        std::hint::black_box(blockwise::forward(s, &inp, bs));
+    });
+    rows.push(AttnRow::new("cpu-blockwise", "fwd", s, ms, &dev));
+    let ms = wall_median(o, || {
+        std::hint::black_box(blockwise::backward(s, &inp, &out, &lse, &d_o, bs));
+    });
+    rows.push(AttnRow::new("cpu-blockwise", "bwd", s, ms, &dev));
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training step.
+
+/// Result of [`bench_train_steps`].
+#[derive(Clone, Copy, Debug)]
+pub struct TrainTiming {
+    /// Median seconds of one step (loss_and_grad + AdamW update).
+    pub step_s: f64,
+    /// Median seconds of the loss alone (forward, no gradient).
+    pub forward_s: f64,
+    /// Mean loss of the last timed step.
+    pub last_loss: f32,
+}
+
+/// Times `steps` training steps after `warmup` untimed ones on `engine`: each step is
+/// `loss_and_grad` of `batch` and an AdamW update (lr 1e-3) of `prefix` on the host; then the
+/// loss alone, `steps` times. Step times are medians.
+pub fn bench_train_steps(
+    engine: &mut dyn Engine,
+    prefix: &mut PrefixBank<f32>,
+    batch: &Batch,
+    warmup: usize,
+    steps: usize,
+) -> Result<TrainTiming> {
+    let opts = RunOptions::default();
+    let n: usize = prefix.k.iter().chain(&prefix.v).map(Vec::len).sum();
+    let mut opt = AdamW::new(AdamWConfig::default(), n);
+    let mut flat = Vec::with_capacity(n);
+    let mut grad_flat = Vec::with_capacity(n);
+    let mut last_loss = f32::NAN;
+    let mut step = |engine: &mut dyn Engine, prefix: &mut PrefixBank<f32>| -> Result<Duration> {
+        let t0 = Instant::now();
+        let (loss, grad) = engine.loss_and_grad(prefix, batch, &opts)?;
+        flat.clear();
+        grad_flat.clear();
+        for l in prefix.k.iter().chain(&prefix.v) {
+            flat.extend_from_slice(l);
+        }
+        for l in grad.k.iter().chain(&grad.v) {
+            grad_flat.extend_from_slice(l);
+        }
+        opt.step(&mut flat, &grad_flat, 1e-3);
+        let mut at = 0;
+        for l in prefix.k.iter_mut().chain(prefix.v.iter_mut()) {
+            let len = l.len();
+            l.copy_from_slice(&flat[at..at + len]);
+            at += len;
+        }
+        last_loss = loss.mean_loss;
+        Ok(t0.elapsed())
+    };
+    for _ in 0..warmup {
+        step(engine, prefix)?;
+    }
+    let mut times = (0..steps.max(1))
+        .map(|_| step(engine, prefix).map(|d| d.as_secs_f64()))
+        .collect::<Result<Vec<f64>>>()?;
+    let step_s = median(&mut times);
+    let mut fwd = (0..steps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            engine.loss(Some(prefix), batch, &opts)?;
+            Ok(t0.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(TrainTiming {
+        step_s,
+        forward_s: median(&mut fwd),
+        last_loss,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_follow_the_formula() {
+        let s = AttnShape {
+            batch: 3,
+            q_heads: 5,
+            kv_heads: 5,
+            seq: 7,
+            prefix: 2,
+            head_dim: 4,
+            n_prefixes: 1,
+        };
+        // Count the multiply-adds directly: each query row t sees P + t + 1 keys; QKᵀ and PV
+        // are D multiply-adds (2 FLOPs) per (row, key). The formula's T/2 is the causal
+        // triangle without the diagonal's half row.
+        let pairs: usize = (0..s.seq).map(|t| s.prefix + t + 1).sum();
+        let exact = 2.0 * 2.0 * (s.batch * s.q_heads * s.head_dim * pairs) as f64;
+        let f = attention_fwd_flops(&s);
+        let diag = 4.0 * (s.batch * s.q_heads * s.head_dim * s.seq) as f64 * 0.5;
+        assert!((exact - (f + diag)).abs() < 1e-9, "{exact} vs {f}");
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn grids_have_the_issue_shapes() {
+        let g = gpu_attention_grid(false);
+        assert_eq!(g.len(), 16);
+        assert!(g.iter().all(|s| s.batch == 8 && s.q_heads == 16));
+        assert_eq!(gpu_attention_grid(true).len(), 8);
+    }
+}

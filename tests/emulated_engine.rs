@@ -185,6 +185,16 @@ fn family(test: &str, arch: Arch, seed: u64) {
         &batch,
         &RunOptions::default(),
     ));
+    // The LM head in chunks of 7 rows (several chunks, the last one partial).
+    emu.set_head_chunk_elems(7 * cfg.vocab_size);
+    worst = worst.max(compare(
+        "B=3 T=19 P=5, head chunks of 7 rows",
+        &mut emu,
+        &mut cpu,
+        &s.bank,
+        &batch,
+        &RunOptions::default(),
+    ));
     // Positions from zero; a smaller batch reusing the grown workspace.
     let batch = random_batch(&cfg, 2, 11, 2, seed + 3);
     let opts = RunOptions {
@@ -206,7 +216,7 @@ fn family(test: &str, arch: Arch, seed: u64) {
     println!("  no prefix: loss rel err {e:.2e}");
     assert!(e <= LOSS_TOL);
     worst = worst.max(e);
-    println!("RESULT emulated_engine/{test}: 3 cases, worst relative error {worst:.2e}");
+    println!("RESULT emulated_engine/{test}: 4 cases, worst relative error {worst:.2e}");
 }
 
 #[test]

@@ -298,7 +298,7 @@ struct Workspace<B: Backend> {
 }
 
 impl<B: Backend> Workspace<B> {
-    fn new(be: &B, cfg: &ModelConfig, cap: Capacity) -> Result<Self> {
+    fn new(be: &B, cfg: &ModelConfig, cap: Capacity, head_chunk_elems: usize) -> Result<Self> {
         let (b, t) = (cap.batch, cap.seq);
         let rows = b * t;
         let (d, hd) = (cfg.d_model, cfg.head_dim);
@@ -309,7 +309,7 @@ impl<B: Backend> Workspace<B> {
             Arch::Llama => 2 * cfg.d_ff,
         };
         let bank = cap.n_prefixes * cfg.n_kv_heads * cap.prefix * hd;
-        let chunk = (HEAD_CHUNK_ELEMS / cfg.vocab_size.max(1)).clamp(1, rows.max(1));
+        let chunk = (head_chunk_elems / cfg.vocab_size.max(1)).clamp(1, rows.max(1));
         let mut bytes = 0usize;
         let mut h16 = |what: &str, n: usize| {
             bytes += 2 * n;
@@ -445,6 +445,8 @@ pub struct ModelEngine<B: Backend> {
     scaler: LossScaler,
     overflow_retries: u64,
     peak_used: usize,
+    /// Elements of one chunk of head logits (rows × vocab).
+    head_chunk_elems: usize,
     /// dQ without float atomics in the attention backward (bitwise reproducible).
     pub deterministic: bool,
 }
@@ -499,6 +501,7 @@ impl<B: Backend> ModelEngine<B> {
             },
             overflow_retries: 0,
             peak_used: 0,
+            head_chunk_elems: HEAD_CHUNK_ELEMS,
             deterministic: false,
         };
         e.note_memory();
@@ -519,6 +522,13 @@ impl<B: Backend> ModelEngine<B> {
     pub fn set_loss_scale(&mut self, scale: f32) {
         self.scaler.scale = scale;
         self.scaler.good_steps = 0;
+    }
+
+    /// Sets the size of the LM head's logits chunks (elements, rows × vocab; at least one row).
+    /// Smaller chunks need less memory; tests use tiny ones to exercise the chunking.
+    pub fn set_head_chunk_elems(&mut self, elems: usize) {
+        self.head_chunk_elems = elems;
+        self.ws = None; // reallocated with the new chunk on the next call
     }
 
     /// Peak device memory in use (bytes, all of the device as the driver reports it) seen at the
@@ -562,7 +572,12 @@ impl<B: Backend> ModelEngine<B> {
         if !fits {
             let cap = self.ws.as_ref().map_or(want, |w| w.cap.max(&want));
             self.ws = None; // free the old one first
-            self.ws = Some(Workspace::new(&self.be, &self.cfg, cap)?);
+            self.ws = Some(Workspace::new(
+                &self.be,
+                &self.cfg,
+                cap,
+                self.head_chunk_elems,
+            )?);
         }
         if self.cfg.arch == Arch::Llama
             && self

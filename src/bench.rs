@@ -141,7 +141,9 @@ pub struct AttnRow {
 }
 
 impl AttnRow {
-    fn new(
+    /// The row of `pass` (`fwd`, `bwd`, `bwd_deterministic`) on `s` at `ms` per call; FLOPs and
+    /// TFLOP/s follow from the shape.
+    pub fn new(
         implementation: &'static str,
         pass: &'static str,
         s: &AttnShape,

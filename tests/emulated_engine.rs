@@ -34,7 +34,7 @@ fn emulation_or_skip(test: &str) -> bool {
     false
 }
 
-fn round16(v: &mut Vec<f32>) {
+fn round16(v: &mut [f32]) {
     v.iter_mut()
         .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
 }

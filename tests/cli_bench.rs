@@ -158,6 +158,44 @@ fn cpu_train_reports_tokens_per_second() {
 }
 
 #[test]
+fn cpu_train_on_a_model_directory() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gpt2_tiny");
+    let out = bench(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        dir,
+        "--batch-size",
+        "2",
+        "--seq",
+        "8",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let rows = json_rows(&out);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["model"], "gpt2_tiny");
+    assert!(num(&rows[0], "tokens_per_s") > 0.0, "{}", rows[0]);
+
+    let out = bench(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        "/nonexistent/model.gguf",
+    ]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/model.gguf"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).is_empty(), "no table for a missing model");
+}
+
+#[test]
 fn train_rejects_too_long_gpt2_sequences() {
     // tiny-gpt2 has 40 positions: 4 prefix + 40 tokens do not fit.
     let out = bench(&[

@@ -377,17 +377,16 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             )
         })?;
     }
-    if !a.json {
-        println!(
-            "{:<12} {:<5} {:>3} {:>5} {:>3} {:>9} {:>9} {:>10} {:>9} {:>9}",
-            "model", "dev", "B", "T", "P", "step ms", "fwd ms", "tokens/s", "alloc MiB", "peak MiB"
-        );
-    }
+    let mut header = !a.json;
     for src in sources {
         // One model at a time: GPT-2 medium's random weights are 1.4 GB in f32.
         let (name, weights) = match src {
             Source::Shape(s) => (s.name().to_string(), random_weights(&s.config(), 1234)),
-            Source::File(p) => (p.display().to_string(), super::load_model_arg(&p)?.weights),
+            Source::File(p) => {
+                let name = p.file_name().unwrap_or(p.as_os_str());
+                let name = name.to_string_lossy().into_owned();
+                (name, super::load_model_arg(&p)?.weights)
+            }
         };
         let cfg = weights.config.clone();
         let max_seq = if cfg.arch == Arch::Gpt2 {
@@ -461,6 +460,21 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             }
             println!("{row}");
         } else {
+            if std::mem::take(&mut header) {
+                println!(
+                    "{:<12} {:<5} {:>3} {:>5} {:>3} {:>9} {:>9} {:>10} {:>9} {:>9}",
+                    "model",
+                    "dev",
+                    "B",
+                    "T",
+                    "P",
+                    "step ms",
+                    "fwd ms",
+                    "tokens/s",
+                    "alloc MiB",
+                    "peak MiB"
+                );
+            }
             let (alloc, peak) = match mem {
                 Some((a, p, ..)) => (format!("{a:.0}"), format!("{p:.0}")),
                 None => ("n/a".into(), "n/a".into()),

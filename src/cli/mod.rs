@@ -52,7 +52,7 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Describe a model: architecture, sizes, tokenizer, prefix costs, GPU availability.
     Info(info::InfoArgs),
-    /// Benchmarks (`bench train`: the GPU engine's training step).
+    /// Benchmarks: `bench attention` (the fused prefix attention) and `bench train` (training steps).
     Bench(bench::BenchArgs),
 }
 

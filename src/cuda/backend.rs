@@ -10,7 +10,10 @@
 //! Buffers may be longer than a call needs (workspaces are sized for the largest batch); every
 //! method checks lengths against its parameters and works on the leading elements.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ops::Range;
+use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -239,6 +242,8 @@ pub trait Backend {
 pub struct GpuBackend {
     pub gpu: GpuContext,
     gemm: Gemm,
+    /// Per-category time when profiling (see [`GpuBackend::enable_profile`]).
+    profile: Option<RefCell<BTreeMap<&'static str, (f64, u64)>>>,
 }
 
 impl GpuBackend {
@@ -246,7 +251,44 @@ impl GpuBackend {
     pub fn new() -> Result<Self> {
         let gpu = GpuContext::new(0)?;
         let gemm = Gemm::new(&gpu)?;
-        Ok(GpuBackend { gpu, gemm })
+        Ok(GpuBackend {
+            gpu,
+            gemm,
+            profile: None,
+        })
+    }
+
+    /// From now on, every operation waits for the device before and after itself and adds its
+    /// time to a category (GEMM, attention forward, ...): the per-op breakdown of a step. It
+    /// slows the run a little (one synchronisation per operation).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(RefCell::new(BTreeMap::new()));
+    }
+
+    /// The time per category since profiling was enabled or last taken: (seconds, calls).
+    pub fn take_profile(&self) -> Vec<(&'static str, f64, u64)> {
+        self.profile.as_ref().map_or_else(Vec::new, |p| {
+            std::mem::take(&mut *p.borrow_mut())
+                .into_iter()
+                .map(|(k, (t, n))| (k, t, n))
+                .collect()
+        })
+    }
+
+    fn timed(&self, category: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some(profile) = &self.profile else {
+            return f();
+        };
+        self.gpu.synchronize()?;
+        let t0 = Instant::now();
+        f()?;
+        self.gpu.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut p = profile.borrow_mut();
+        let e = p.entry(category).or_insert((0.0, 0));
+        e.0 += dt;
+        e.1 += 1;
+        Ok(())
     }
 }
 
@@ -325,7 +367,9 @@ impl Backend for GpuBackend {
                 dst.len()
             );
         }
-        dev(what, self.gpu.stream().memcpy_htod(src, dst))
+        self.timed("uploads", || {
+            dev(what, self.gpu.stream().memcpy_htod(src, dst))
+        })
     }
 
     fn read<T: Elem>(&self, what: &str, src: &CudaSlice<T>, range: Range<usize>) -> Result<Vec<T>> {
@@ -353,14 +397,16 @@ impl Backend for GpuBackend {
             return Ok(());
         }
         let mut d = dst.slice_mut(at..at + n);
-        dev(
-            what,
-            self.gpu.stream().memcpy_dtod(&src.slice(range), &mut d),
-        )
+        self.timed("copies", || {
+            dev(
+                what,
+                self.gpu.stream().memcpy_dtod(&src.slice(range), &mut d),
+            )
+        })
     }
 
     fn zero<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>) -> Result<()> {
-        dev(what, self.gpu.stream().memset_zeros(dst))
+        self.timed("copies", || dev(what, self.gpu.stream().memset_zeros(dst)))
     }
 
     fn gemm_a_bt(
@@ -372,7 +418,7 @@ impl Backend for GpuBackend {
         b: &CudaSlice<f16>,
         c: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        self.gemm.a_bt(m, n, k, a, b, c, 0.0)
+        self.timed("GEMM", || self.gemm.a_bt(m, n, k, a, b, c, 0.0))
     }
 
     fn gemm_a_b(
@@ -384,7 +430,7 @@ impl Backend for GpuBackend {
         b: &CudaSlice<f16>,
         c: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        self.gemm.a_b(m, n, k, a, b, c, 0.0)
+        self.timed("GEMM", || self.gemm.a_b(m, n, k, a, b, c, 0.0))
     }
 
     fn embedding(
@@ -396,25 +442,29 @@ impl Backend for GpuBackend {
         pos_emb: Option<&CudaSlice<f16>>,
         x: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        ops::embedding_forward(&self.gpu, p, tokens, pos_offset, tok_emb, pos_emb, x)
+        self.timed("embedding", || {
+            ops::embedding_forward(&self.gpu, p, tokens, pos_offset, tok_emb, pos_emb, x)
+        })
     }
 
     fn add_norm(&self, p: &pt_norm_params, b: NormBufs<'_, Self>) -> Result<()> {
-        ops::add_norm_forward(
-            &self.gpu,
-            p,
-            NormFwdBufs {
-                x: b.x,
-                y: b.y,
-                y_bias: b.y_bias,
-                w: b.w,
-                b: b.b,
-                x_save: b.x_save,
-                h: b.h,
-                mean: b.mean,
-                rstd: b.rstd,
-            },
-        )
+        self.timed("residual + norm", || {
+            ops::add_norm_forward(
+                &self.gpu,
+                p,
+                NormFwdBufs {
+                    x: b.x,
+                    y: b.y,
+                    y_bias: b.y_bias,
+                    w: b.w,
+                    b: b.b,
+                    x_save: b.x_save,
+                    h: b.h,
+                    mean: b.mean,
+                    rstd: b.rstd,
+                },
+            )
+        })
     }
 
     fn norm_bwd(
@@ -428,7 +478,9 @@ impl Backend for GpuBackend {
         dx: &mut CudaSlice<f32>,
         dx16: Option<&mut CudaSlice<f16>>,
     ) -> Result<()> {
-        ops::norm_backward(&self.gpu, p, dy, x, w, mean, rstd, dx, dx16)
+        self.timed("norm backward", || {
+            ops::norm_backward(&self.gpu, p, dy, x, w, mean, rstd, dx, dx16)
+        })
     }
 
     fn gelu_fwd(
@@ -438,7 +490,9 @@ impl Backend for GpuBackend {
         bias: Option<&CudaSlice<f16>>,
         out: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::gelu_forward(&self.gpu, p, a, bias, out)
+        self.timed("activation", || {
+            ops::gelu_forward(&self.gpu, p, a, bias, out)
+        })
     }
 
     fn gelu_bwd(
@@ -448,7 +502,9 @@ impl Backend for GpuBackend {
         a: &CudaSlice<f16>,
         da: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::gelu_backward(&self.gpu, p, dy, a, da)
+        self.timed("activation backward", || {
+            ops::gelu_backward(&self.gpu, p, dy, a, da)
+        })
     }
 
     fn swiglu_fwd(
@@ -457,7 +513,7 @@ impl Backend for GpuBackend {
         gu: &CudaSlice<f16>,
         out: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::swiglu_forward(&self.gpu, p, gu, out)
+        self.timed("activation", || ops::swiglu_forward(&self.gpu, p, gu, out))
     }
 
     fn swiglu_bwd(
@@ -467,7 +523,9 @@ impl Backend for GpuBackend {
         gu: &CudaSlice<f16>,
         dgu: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::swiglu_backward(&self.gpu, p, dy, gu, dgu)
+        self.timed("activation backward", || {
+            ops::swiglu_backward(&self.gpu, p, dy, gu, dgu)
+        })
     }
 
     fn rows_to_heads(
@@ -478,7 +536,9 @@ impl Backend for GpuBackend {
         rope: Option<RopeBufs<'_, Self>>,
         dst: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::rows_to_heads(&self.gpu, p, src, bias, rope_args(rope), dst)
+        self.timed("layout + RoPE", || {
+            ops::rows_to_heads(&self.gpu, p, src, bias, rope_args(rope), dst)
+        })
     }
 
     fn heads_to_rows(
@@ -488,7 +548,9 @@ impl Backend for GpuBackend {
         rope: Option<RopeBufs<'_, Self>>,
         dst: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::heads_to_rows(&self.gpu, p, src, rope_args(rope), dst)
+        self.timed("layout + RoPE", || {
+            ops::heads_to_rows(&self.gpu, p, src, rope_args(rope), dst)
+        })
     }
 
     fn gather_rows(
@@ -499,7 +561,9 @@ impl Backend for GpuBackend {
         index: &CudaSlice<i32>,
         dst: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::gather_rows(&self.gpu, p, src_rows, src, index, dst)
+        self.timed("head gather/scatter", || {
+            ops::gather_rows(&self.gpu, p, src_rows, src, index, dst)
+        })
     }
 
     fn scatter_rows(
@@ -510,7 +574,9 @@ impl Backend for GpuBackend {
         index: &CudaSlice<i32>,
         dst: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        ops::scatter_rows(&self.gpu, p, dst_rows, src, index, dst)
+        self.timed("head gather/scatter", || {
+            ops::scatter_rows(&self.gpu, p, dst_rows, src, index, dst)
+        })
     }
 
     fn cross_entropy(
@@ -520,7 +586,9 @@ impl Backend for GpuBackend {
         targets: &CudaSlice<i32>,
         loss: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        ops::cross_entropy(&self.gpu, p, logits, targets, loss)
+        self.timed("cross-entropy", || {
+            ops::cross_entropy(&self.gpu, p, logits, targets, loss)
+        })
     }
 
     fn attn_scratch(&self, cap: &AttnShape) -> Result<Self::AttnScratch> {
@@ -538,7 +606,9 @@ impl Backend for GpuBackend {
         o: &mut CudaSlice<f16>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        attn::forward(&self.gpu, s, scale, &dev_inputs(&inp), o, lse)
+        self.timed("attention forward", || {
+            attn::forward(&self.gpu, s, scale, &dev_inputs(&inp), o, lse)
+        })
     }
 
     fn attn_bwd(
@@ -553,18 +623,20 @@ impl Backend for GpuBackend {
         scratch: &mut Self::AttnScratch,
     ) -> Result<()> {
         let (ws, grads) = scratch;
-        attn::backward(
-            &self.gpu,
-            s,
-            scale,
-            deterministic,
-            &dev_inputs(&inp),
-            o,
-            lse,
-            d_o,
-            ws,
-            grads,
-        )
+        self.timed("attention backward", || {
+            attn::backward(
+                &self.gpu,
+                s,
+                scale,
+                deterministic,
+                &dev_inputs(&inp),
+                o,
+                lse,
+                d_o,
+                ws,
+                grads,
+            )
+        })
     }
 
     fn attn_grads(scratch: &Self::AttnScratch) -> AttnGradBufs<'_, Self> {

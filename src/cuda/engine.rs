@@ -548,6 +548,11 @@ impl<B: Backend> ModelEngine<B> {
         self.model.bytes + self.workspace_bytes()
     }
 
+    /// The device backend (e.g. to enable profiling on the GPU).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.be
+    }
+
     /// The device, as the backend describes it.
     pub fn device_description(&self) -> String {
         self.be.describe()

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use prefix_tune::cuda::engine::CudaEngine;
 use prefix_tune::cuda::GpuContext;
-use prefix_tune::engine::{CpuEngine, Engine};
+use prefix_tune::engine::{open_engine, CpuEngine, Device, Engine};
 use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
 use prefix_tune::model::load_model;
 use prefix_tune::prefix::PrefixBank;
@@ -409,5 +409,40 @@ fn tiny_fixtures_are_refused_with_a_clear_message() {
                 && err.contains("--device cpu"),
             "{name}: unclear refusal: {err}"
         );
+    }
+}
+
+#[test]
+fn device_choice_without_and_with_a_gpu() {
+    // Runs everywhere: `auto` picks the GPU engine exactly when a GPU is usable, and `cuda`
+    // without one is an error that says why (never a panic).
+    let (w, _) = shaped_setup(Arch::Llama, 505);
+    let gpu = GpuContext::new(0);
+    let auto = open_engine(w.clone(), Device::Auto).expect("auto always opens an engine");
+    let cuda = open_engine(w.clone(), Device::Cuda);
+    match gpu {
+        Ok(_) => {
+            assert!(
+                auto.describe().contains("fused prefix attention"),
+                "{}",
+                auto.describe()
+            );
+            assert!(
+                cuda.is_ok(),
+                "--device cuda with a GPU: {:#}",
+                cuda.err().unwrap()
+            );
+        }
+        Err(e) => {
+            if require_gpu() {
+                panic!("PREFIX_TUNE_REQUIRE_GPU=1 but no usable GPU: {e:#}");
+            }
+            assert!(auto.describe().contains("CPU"), "{}", auto.describe());
+            let msg = format!(
+                "{:#}",
+                cuda.err().expect("--device cuda without a GPU must fail")
+            );
+            assert!(msg.contains("--device cuda"), "{msg}");
+        }
     }
 }

@@ -258,3 +258,37 @@ fn loss_scale_overflow_is_retried() {
     assert!(emu.overflow_retries() >= 1, "the overflow must be seen");
     assert!(emu.loss_scale() < 4194304.0, "the scale must come down");
 }
+
+#[test]
+fn mixed_prefix_batch_equals_one_prefix_at_a_time() {
+    let test = "mixed_prefix_batch_equals_one_prefix_at_a_time";
+    if !emulation_or_skip(test) {
+        return;
+    }
+    let s = setup(Arch::Gpt2, 44);
+    let mut emu = EmuEngine::new_emulated(s.weights.clone()).unwrap();
+    let cfg = s.weights.config.clone();
+    let batch = random_batch(&cfg, 3, 9, 2, 45); // prefixes 0, 1, 0
+    let opts = RunOptions::default();
+    let mixed = emu.loss(Some(&s.bank), &batch, &opts).unwrap();
+    for b in 0..batch.batch {
+        let t = batch.seq;
+        let one = Batch {
+            batch: 1,
+            seq: t,
+            tokens: batch.tokens[b * t..(b + 1) * t].to_vec(),
+            labels: batch.labels[b * t..(b + 1) * t].to_vec(),
+            valid_len: vec![batch.valid_len[b]],
+            prefix_index: vec![0],
+        };
+        let alone = emu
+            .loss(Some(&s.bank.select(batch.prefix_index[b])), &one, &opts)
+            .unwrap();
+        let e = rel_err(&[alone.loss_sum[0] as f64], &[mixed.loss_sum[b] as f64]);
+        println!(
+            "  sequence {b} (prefix {}): mixed {} alone {} rel err {e:.2e}",
+            batch.prefix_index[b], mixed.loss_sum[b], alone.loss_sum[0]
+        );
+        assert!(e <= 1e-3, "sequence {b}: {e:.3e}");
+    }
+}

@@ -4,6 +4,8 @@
 //! Skips with a visible message when the build has no emulation (no CUDA headers); fails instead
 //! when `PREFIX_TUNE_REQUIRE_KERNELS=1`.
 
+mod common;
+
 use half::f16;
 use prefix_tune::emu::{self, HalfGrads, HalfInputs};
 use prefix_tune::reference::attention::{self, AttnInputs, AttnShape};
@@ -15,16 +17,7 @@ use rand_distr::StandardNormal;
 /// fp16 tolerance on relative norm error (outputs and gradients).
 const TOL: f64 = 1e-2;
 
-fn emulation_or_skip(test: &str) -> bool {
-    if emu::available() {
-        return true;
-    }
-    if std::env::var("PREFIX_TUNE_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
-        panic!("{test}: PREFIX_TUNE_REQUIRE_KERNELS=1 but the host emulation was not built");
-    }
-    eprintln!("SKIPPED {test}: no host emulation in this build (CUDA headers not found)");
-    false
-}
+use common::emulation_or_skip;
 
 #[derive(Clone, Debug)]
 struct Case {

@@ -5,6 +5,8 @@
 //! Without a usable GPU the tests print SKIPPED and pass; with `PREFIX_TUNE_REQUIRE_GPU=1` they
 //! fail instead (the device check script sets it).
 
+mod common;
+
 use half::f16;
 use prefix_tune::cuda::attention::{self as gpu_attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
 use prefix_tune::cuda::GpuContext;
@@ -16,18 +18,7 @@ use rand_distr::StandardNormal;
 
 const TOL: f64 = 1e-2;
 
-fn gpu_or_skip(test: &str) -> Option<GpuContext> {
-    match GpuContext::new(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var("PREFIX_TUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{test}: PREFIX_TUNE_REQUIRE_GPU=1 but no usable GPU: {e:#}");
-            }
-            eprintln!("SKIPPED {test}: no usable GPU ({e:#})");
-            None
-        }
-    }
-}
+use common::gpu_or_skip;
 
 struct Case {
     shape: AttnShape,

@@ -5,6 +5,8 @@
 //! `PREFIX_TUNE_REQUIRE_GPU=1`. The CPU-runnable tests check the embedded modules and that asking
 //! for a GPU on a machine without one is an `Err`, not a panic.
 
+mod common;
+
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::f16;
 use prefix_tune::cuda::{modules, ops, GpuContext};
@@ -15,23 +17,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use std::sync::Arc;
 
-fn env_is_1(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
+use common::env_is_1;
 
-/// The GPU, or `None` after printing why (panics instead with `PREFIX_TUNE_REQUIRE_GPU=1`).
-fn gpu_or_skip(test: &str) -> Option<GpuContext> {
-    match GpuContext::new(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if env_is_1("PREFIX_TUNE_REQUIRE_GPU") {
-                panic!("{test}: PREFIX_TUNE_REQUIRE_GPU=1 but no GPU: {e:#}");
-            }
-            eprintln!("SKIP: {test}: no GPU: {e:#}");
-            None
-        }
-    }
-}
+use common::gpu_or_skip;
 
 fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
     let d = Normal::new(0.0f32, std).unwrap();

@@ -4,44 +4,13 @@
 //! Skipped with a message when the file is absent, unless `PREFIX_TUNE_REQUIRE_ASSETS=1`.
 //! Add further checks as new `#[test]` functions using [`smollm2`], which loads the model once.
 
-use std::sync::OnceLock;
+mod common;
 
-use prefix_tune::assets::smollm2_gguf_path;
-use prefix_tune::model::{load_model, Arch, LoadedModel};
+use prefix_tune::model::{Arch, LoadedModel};
 use prefix_tune::reference::real::rel_err;
 
-/// The loaded model, shared by every test in this file; `None` (with a message) when the asset is
-/// missing and not required.
 fn smollm2() -> Option<&'static LoadedModel> {
-    static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = smollm2_gguf_path();
-            if !path.is_file() {
-                if std::env::var("PREFIX_TUNE_REQUIRE_ASSETS").as_deref() == Ok("1") {
-                    panic!(
-                        "PREFIX_TUNE_REQUIRE_ASSETS=1 but {} is missing",
-                        path.display()
-                    );
-                }
-                eprintln!(
-                    "SKIPPED: {} not found (set PREFIX_TUNE_CACHE or fetch the model)",
-                    path.display()
-                );
-                return None;
-            }
-            let t = std::time::Instant::now();
-            let m =
-                load_model(&path).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
-            eprintln!(
-                "loaded {} in {:.2?}: {}",
-                path.display(),
-                t.elapsed(),
-                m.tokenizer.describe()
-            );
-            Some(m)
-        })
-        .as_ref()
+    common::smollm2("smollm2")
 }
 
 fn fixture(name: &str) -> serde_json::Value {

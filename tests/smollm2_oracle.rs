@@ -11,11 +11,9 @@
 //! 30 layers accumulates ~1e-6, so 1e-4 leaves room for summation-order changes while still
 //! failing on any real mistake in a layer, which moves logits by far more than 1e-4.
 
-use std::io::Write;
-use std::sync::OnceLock;
+mod common;
 
-use prefix_tune::assets::smollm2_gguf_path;
-use prefix_tune::model::{load_model, LoadedModel};
+use prefix_tune::model::LoadedModel;
 use prefix_tune::reference::model::{logits, Batch, RunOptions};
 use prefix_tune::reference::real::rel_err;
 use serde_json::Value;
@@ -23,29 +21,7 @@ use serde_json::Value;
 const LOGIT_TOL: f64 = 1e-4;
 
 fn smollm2() -> Option<&'static LoadedModel> {
-    static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = smollm2_gguf_path();
-            if !path.is_file() {
-                if std::env::var("PREFIX_TUNE_REQUIRE_ASSETS").as_deref() == Ok("1") {
-                    panic!(
-                        "PREFIX_TUNE_REQUIRE_ASSETS=1 but {} is missing",
-                        path.display()
-                    );
-                }
-                // Written to the stderr handle, not with eprintln!, so that the test harness does
-                // not capture it: a skip must be visible.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED smollm2_oracle: {} not found (set PREFIX_TUNE_CACHE or fetch the model)",
-                    path.display()
-                );
-                return None;
-            }
-            Some(load_model(&path).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display())))
-        })
-        .as_ref()
+    common::smollm2("smollm2_oracle")
 }
 
 fn fixture() -> Value {

@@ -6,6 +6,8 @@
 //! "Paris" (skipped, visibly, when the model is not in the cache; required under
 //! `PREFIX_TUNE_REQUIRE_ASSETS=1`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -622,15 +624,11 @@ fn bad_input_is_refused_cleanly() {
 fn smollm2_greedy_knows_paris() {
     let path = prefix_tune::assets::smollm2_gguf_path();
     if !path.exists() {
-        if std::env::var("PREFIX_TUNE_REQUIRE_ASSETS").as_deref() == Ok("1") {
-            panic!(
-                "{} is missing (PREFIX_TUNE_REQUIRE_ASSETS=1)",
-                path.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED smollm2_greedy_knows_paris: {} not found (run scripts/setup)",
-            path.display()
+        let why = format!("{} not found (run scripts/setup)", path.display());
+        common::skip(
+            "PREFIX_TUNE_REQUIRE_ASSETS",
+            "smollm2_greedy_knows_paris",
+            &why,
         );
         return;
     }

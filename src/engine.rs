@@ -11,12 +11,12 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, Result};
 
 use crate::model::config::{ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
 use crate::reference::decode::{decode_step, KvCache};
-use crate::reference::model::{self, check_positions, Batch, LossOutput, RunOptions};
+use crate::reference::model::{self, Batch, LossOutput, RunOptions};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -74,41 +74,7 @@ pub trait Engine {
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>>;
 }
 
-/// Checks a batch, a bank and the positions against a model: the errors the reference code
-/// would panic with.
-pub fn check_run(
-    cfg: &ModelConfig,
-    prefix: Option<&PrefixBank<f32>>,
-    batch: &Batch,
-    opts: &RunOptions,
-) -> Result<()> {
-    let (n_prefixes, len) = match prefix {
-        Some(p) if p.len > 0 => {
-            ensure!(
-                p.n_layers == cfg.n_layers
-                    && p.kv_heads == cfg.n_kv_heads
-                    && p.head_dim == cfg.head_dim,
-                "the prefix is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
-                p.n_layers,
-                p.kv_heads,
-                p.head_dim,
-                cfg.n_layers,
-                cfg.n_kv_heads,
-                cfg.head_dim
-            );
-            ensure!(
-                p.k.len() == p.n_layers
-                    && p.v.len() == p.n_layers
-                    && p.k.iter().chain(&p.v).all(|x| x.len() == p.layer_len()),
-                "prefix bank: layer buffers have the wrong size"
-            );
-            (p.n_prefixes, p.len)
-        }
-        _ => (0, 0),
-    };
-    batch.check(cfg, n_prefixes)?;
-    check_positions(cfg, batch.seq, len, opts.positions)
-}
+pub use crate::reference::model::check_run;
 
 /// The reference implementation in f32 on the CPU (rayon threads).
 pub struct CpuEngine {

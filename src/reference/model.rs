@@ -232,6 +232,42 @@ fn prefix_len<T>(prefix: Option<&PrefixBank<T>>) -> usize {
     prefix.map_or(0, |p| p.len)
 }
 
+/// Checks a batch, a bank and the positions against a model: the errors the reference code
+/// would otherwise panic with (engines call it first to return them as errors).
+pub fn check_run<T: Real>(
+    cfg: &ModelConfig,
+    prefix: Option<&PrefixBank<T>>,
+    batch: &Batch,
+    opts: &RunOptions,
+) -> Result<()> {
+    let n_prefixes = match prefix {
+        Some(p) if p.len > 0 => {
+            ensure!(
+                p.n_layers == cfg.n_layers
+                    && p.kv_heads == cfg.n_kv_heads
+                    && p.head_dim == cfg.head_dim,
+                "the prefix is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
+                p.n_layers,
+                p.kv_heads,
+                p.head_dim,
+                cfg.n_layers,
+                cfg.n_kv_heads,
+                cfg.head_dim
+            );
+            ensure!(
+                p.k.len() == p.n_layers
+                    && p.v.len() == p.n_layers
+                    && p.k.iter().chain(&p.v).all(|x| x.len() == p.layer_len()),
+                "prefix bank: layer buffers have the wrong size"
+            );
+            p.n_prefixes
+        }
+        _ => 0,
+    };
+    batch.check(cfg, n_prefixes)?;
+    check_positions(cfg, batch.seq, prefix_len(prefix), opts.positions)
+}
+
 /// Panics with a clear message when the batch, the bank or the positions do not fit the model.
 fn validate<T: Real>(
     m: &ModelWeights<T>,
@@ -239,40 +275,7 @@ fn validate<T: Real>(
     batch: &Batch,
     opts: &RunOptions,
 ) {
-    let cfg = &m.config;
-    let check = || -> Result<()> {
-        let n_prefixes = match prefix {
-            Some(p) if p.len > 0 => {
-                ensure!(
-                    p.n_layers == cfg.n_layers
-                        && p.kv_heads == cfg.n_kv_heads
-                        && p.head_dim == cfg.head_dim,
-                    "prefix bank is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
-                    p.n_layers,
-                    p.kv_heads,
-                    p.head_dim,
-                    cfg.n_layers,
-                    cfg.n_kv_heads,
-                    cfg.head_dim
-                );
-                ensure!(
-                    p.k.len() == p.n_layers && p.v.len() == p.n_layers,
-                    "prefix bank: wrong number of layers"
-                );
-                for l in 0..p.n_layers {
-                    ensure!(
-                        p.k[l].len() == p.layer_len() && p.v[l].len() == p.layer_len(),
-                        "prefix bank: layer {l} has the wrong size"
-                    );
-                }
-                p.n_prefixes
-            }
-            _ => 0,
-        };
-        batch.check(cfg, n_prefixes)?;
-        check_positions(cfg, batch.seq, prefix_len(prefix), opts.positions)
-    };
-    if let Err(e) = check() {
+    if let Err(e) = check_run(&m.config, prefix, batch, opts) {
         panic!("{e:#}");
     }
 }

@@ -1,6 +1,12 @@
 //! The GPU engine: the frozen model in fp16 on one CUDA device, behind the same [`Engine`]
 //! interface as the CPU reference.
 //!
+//! The engine code is written once over a [`Backend`] (buffers, GEMMs, one method per kernel):
+//! [`CudaEngine`] runs it on the GPU ([`GpuBackend`]), `crate::emu_backend::EmuEngine` on the
+//! host emulation of the same kernel sources, which is how CI checks this file against the
+//! reference without a GPU (`tests/emulated_engine.rs`); `tests/gpu_engine.rs` does the same on
+//! a real GPU.
+//!
 //! - The weights are uploaded once, in fp16, with the projections that read the same input fused
 //!   (`[Wq; Wk; Wv]`, and Llama's `[W_gate; W_up]`), so each is one cuBLAS GEMM.
 //! - Forward per layer: residual add + norm (one kernel, the fp32 residual stream updated in
@@ -14,7 +20,7 @@
 //!   prefix. fp16 activations and GEMMs with fp32 accumulation, the residual gradient in fp32,
 //!   dynamic loss scaling: on an inf/NaN in the prefix gradient the scale is halved and the
 //!   backward redone (the forward's activations are kept), so the trainer never sees an
-//!   overflowed gradient; the count is in [`CudaEngine::overflow_retries`].
+//!   overflowed gradient; the count is in [`ModelEngine::overflow_retries`].
 //! - Workspaces are allocated once and grown only when a larger batch arrives; an allocation
 //!   failure says how much was asked, how much is free, and what to reduce.
 //! - Decoding (generation) runs on the CPU reference engine for now: [`Engine::begin_decode`] and

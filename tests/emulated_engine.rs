@@ -292,3 +292,44 @@ fn mixed_prefix_batch_equals_one_prefix_at_a_time() {
         assert!(e <= 1e-3, "sequence {b}: {e:.3e}");
     }
 }
+
+#[test]
+fn recomputation_gives_the_same_gradient() {
+    let test = "recomputation_gives_the_same_gradient";
+    if !emulation_or_skip(test) {
+        return;
+    }
+    for (arch, seed) in [(Arch::Llama, 66)] {
+        let s = setup(arch, seed);
+        let mut emu = EmuEngine::new_emulated(s.weights.clone()).unwrap();
+        let mut cpu = CpuEngine::new(s.weights.clone());
+        let cfg = s.weights.config.clone();
+        let batch = random_batch(&cfg, 2, 9, 2, seed + 1);
+        let opts = RunOptions::default();
+        let (kept, kept_g) = emu.loss_and_grad(&s.bank, &batch, &opts).unwrap();
+        let kept_bytes = emu.workspace_bytes();
+        emu.set_recompute(true);
+        compare(
+            &format!("{arch:?} with recomputation"),
+            &mut emu,
+            &mut cpu,
+            &s.bank,
+            &batch,
+            &opts,
+        );
+        let (re, re_g) = emu.loss_and_grad(&s.bank, &batch, &opts).unwrap();
+        // The same kernels on the same inputs: bitwise the same results.
+        assert_eq!(re.loss_sum, kept.loss_sum, "{arch:?}: losses");
+        assert_eq!(
+            re_g.to_flat(),
+            kept_g.to_flat(),
+            "{arch:?}: prefix gradients"
+        );
+        println!(
+            "  {arch:?}: workspace {} bytes keeping activations, {} recomputing",
+            kept_bytes,
+            emu.workspace_bytes()
+        );
+        assert!(emu.workspace_bytes() < kept_bytes);
+    }
+}

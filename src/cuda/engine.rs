@@ -21,6 +21,9 @@
 //!   dynamic loss scaling: on an inf/NaN in the prefix gradient the scale is halved and the
 //!   backward redone (the forward's activations are kept), so the trainer never sees an
 //!   overflowed gradient; the count is in [`ModelEngine::overflow_retries`].
+//! - Optional activation recomputation ([`ModelEngine::set_recompute`], or
+//!   `PREFIX_TUNE_RECOMPUTE=1` for the CLI): the forward keeps only each layer's input and the
+//!   backward reruns the layer before its backward.
 //! - Workspaces are allocated once and grown only when a larger batch arrives; an allocation
 //!   failure says how much was asked, how much is free, and what to reduce.
 //! - Decoding (generation) runs on the CPU reference engine for now: [`Engine::begin_decode`] and
@@ -202,6 +205,8 @@ struct Capacity {
     n_prefixes: usize,
     /// Per-layer activations kept for a backward (else one layer's, reused).
     train: bool,
+    /// With `train`: keep only each layer's input and recompute the rest in the backward.
+    recompute: bool,
 }
 
 impl Capacity {
@@ -211,6 +216,7 @@ impl Capacity {
             && self.prefix >= other.prefix
             && self.n_prefixes >= other.n_prefixes
             && (self.train || !other.train)
+            && self.recompute == other.recompute
     }
 
     fn max(&self, o: &Capacity) -> Capacity {
@@ -220,6 +226,7 @@ impl Capacity {
             prefix: self.prefix.max(o.prefix),
             n_prefixes: self.n_prefixes.max(o.n_prefixes),
             train: self.train || o.train,
+            recompute: o.recompute,
         }
     }
 
@@ -269,6 +276,11 @@ struct Workspace<B: Backend> {
     /// final hidden states), and the final norm's input and statistics.
     x: B::Buf<f32>,
     h: B::Buf<f16>,
+    /// The final norm's output: the hidden states the LM head reads (kept apart from `h`, which
+    /// recomputation reuses, so a loss-scale retry can rerun the head).
+    hidden: B::Buf<f16>,
+    /// Recomputation: each layer's block input (fp32 residual after the add).
+    layer_inputs: Vec<B::Buf<f32>>,
     final_x: B::Buf<f16>,
     final_mean: B::Buf<f32>,
     final_rstd: B::Buf<f32>,
@@ -321,7 +333,18 @@ impl<B: Backend> Workspace<B> {
             bytes += 2 * n;
             be.alloc::<f16>(what, n)
         };
-        let n_saved = if cap.train { cfg.n_layers } else { 1 };
+        let n_saved = if cap.train && !cap.recompute {
+            cfg.n_layers
+        } else {
+            1
+        };
+        let mut layer_inputs = Vec::new();
+        if cap.train && cap.recompute {
+            for l in 0..cfg.n_layers {
+                layer_inputs
+                    .push(be.alloc::<f32>(&format!("layer {l} input (recomputation)"), rows * d)?);
+            }
+        }
         let mut saved = Vec::with_capacity(n_saved);
         let mut f32s = Vec::new();
         for l in 0..n_saved {
@@ -355,6 +378,7 @@ impl<B: Backend> Workspace<B> {
             bank: bank_bufs,
             x: be.alloc("residual stream", rows * d)?,
             h: h16("norm output", rows * d)?,
+            hidden: h16("final hidden states", rows * d)?,
             final_x: h16("final norm input", rows * d)?,
             final_mean: be.alloc("norm statistics", rows)?,
             final_rstd: be.alloc("norm statistics", rows)?,
@@ -386,8 +410,11 @@ impl<B: Backend> Workspace<B> {
             prefix_grads: h16("prefix gradients", cfg.n_layers * 2 * bank)?,
             saved,
             bytes: 0,
+            layer_inputs,
         };
-        let extra: usize = f32s.iter().sum::<usize>() + 4 * rows * (2 * d + 3 + 1);
+        let extra: usize = f32s.iter().sum::<usize>()
+            + 4 * rows * (2 * d + 3 + 1)
+            + 4 * rows * d * ws.layer_inputs.len();
         Ok(Workspace {
             bytes: bytes + extra,
             ..ws
@@ -453,6 +480,8 @@ pub struct ModelEngine<B: Backend> {
     peak_used: usize,
     /// Elements of one chunk of head logits (rows × vocab).
     head_chunk_elems: usize,
+    /// Recompute each layer's activations in the backward instead of keeping them.
+    recompute: bool,
     /// dQ without float atomics in the attention backward (bitwise reproducible).
     pub deterministic: bool,
 }
@@ -465,7 +494,13 @@ impl CudaEngine {
     pub fn new(weights: Arc<ModelWeights<f32>>) -> Result<Self> {
         check_model(&weights.config)?;
         let be = GpuBackend::new()?;
-        ModelEngine::with_backend(be, weights).context("uploading the model to the GPU")
+        let mut e =
+            ModelEngine::with_backend(be, weights).context("uploading the model to the GPU")?;
+        // Until the CLI grows a flag: PREFIX_TUNE_RECOMPUTE=1 turns recomputation on.
+        if std::env::var("PREFIX_TUNE_RECOMPUTE").is_ok_and(|v| v == "1") {
+            e.set_recompute(true);
+        }
+        Ok(e)
     }
 }
 
@@ -508,6 +543,7 @@ impl<B: Backend> ModelEngine<B> {
             overflow_retries: 0,
             peak_used: 0,
             head_chunk_elems: HEAD_CHUNK_ELEMS,
+            recompute: false,
             deterministic: false,
         };
         e.note_memory();
@@ -535,6 +571,17 @@ impl<B: Backend> ModelEngine<B> {
     pub fn set_head_chunk_elems(&mut self, elems: usize) {
         self.head_chunk_elems = elems;
         self.ws = None; // reallocated with the new chunk on the next call
+    }
+
+    /// Activation recomputation: the forward keeps only each layer's input (fp32 residual) and
+    /// the backward reruns the layer's forward before its backward — about one more forward per
+    /// step for a fraction of the activation memory (HF PEFT cannot checkpoint with prefix
+    /// tuning).
+    pub fn set_recompute(&mut self, on: bool) {
+        if self.recompute != on {
+            self.recompute = on;
+            self.ws = None;
+        }
     }
 
     /// Peak device memory in use (bytes, all of the device as the driver reports it) seen at the
@@ -578,6 +625,7 @@ impl<B: Backend> ModelEngine<B> {
             prefix: shape.prefix,
             n_prefixes: shape.n_prefixes,
             train,
+            recompute: self.recompute,
         };
         let fits = self.ws.as_ref().is_some_and(|w| w.cap.covers(&want));
         if !fits {
@@ -637,8 +685,6 @@ impl<B: Backend> ModelEngine<B> {
         let ws = ws.as_mut().expect("prepared workspace");
         let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
         let (d, hd) = (cfg.d_model, cfg.head_dim);
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let qkv_w = q_dim + 2 * kv_dim;
 
         // Inputs.
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
@@ -673,8 +719,6 @@ impl<B: Backend> ModelEngine<B> {
             Arch::Llama => NormKind::Rms,
         };
         let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
-        let use_rope = cfg.arch == Arch::Llama;
-        let n_pos = rope.as_ref().map_or(0, |r| r.n_positions);
         let emb_p = ops::embedding_params(
             b,
             t,
@@ -695,83 +739,19 @@ impl<B: Backend> ModelEngine<B> {
         let mut pending: Option<Option<&B::Buf<f16>>> = None;
         let n_saved = ws.saved.len();
         for (l, lw) in model.layers.iter().enumerate() {
-            let sv = &mut ws.saved[l % n_saved];
-            // Attention block.
-            be.add_norm(
-                &norm_p,
-                NormBufs {
-                    x: &mut ws.x,
-                    y: pending.map(|_| &ws.y),
-                    y_bias: pending.flatten(),
-                    w: &lw.attn_norm_w,
-                    b: lw.attn_norm_b.as_ref(),
-                    x_save: Some(&mut sv.attn_x),
-                    h: &mut ws.h,
-                    mean: Some(&mut sv.attn_mean),
-                    rstd: &mut sv.attn_rstd,
-                },
+            let keep_input = !ws.layer_inputs.is_empty();
+            layer_forward(
+                be,
+                &cfg,
+                lw,
+                ws,
+                rope.as_ref(),
+                &s_attn,
+                l,
+                l % n_saved,
+                pending,
+                keep_input,
             )?;
-            be.gemm_a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv)?;
-            let parts: [(usize, usize, bool, &mut B::Buf<f16>); 3] = [
-                (0, cfg.n_heads, use_rope, &mut sv.q),
-                (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
-                (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
-            ];
-            for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
-                let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
-                let bias = lw.bqkv.as_ref().map(|bs| &bs[i]);
-                let rope_bufs = rot.then(|| {
-                    let r = rope.as_ref().expect("RoPE tables");
-                    RopeBufs {
-                        pos_offset: &ws.pos_offset,
-                        cos: &r.cos,
-                        sin: &r.sin,
-                    }
-                });
-                be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
-            }
-            let (bk, bv) = &ws.bank[l];
-            let inputs = AttnBufs {
-                q: &sv.q,
-                k: &sv.k,
-                v: &sv.v,
-                prefix_k: bk,
-                prefix_v: bv,
-                prefix_index: &ws.prefix_index,
-                valid_len: &ws.valid_len,
-            };
-            be.attn_fwd(&s_attn, attn_scale(&cfg), inputs, &mut sv.o, &mut sv.lse)?;
-            let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
-            be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
-            be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
-
-            // MLP block.
-            be.add_norm(
-                &norm_p,
-                NormBufs {
-                    x: &mut ws.x,
-                    y: Some(&ws.y),
-                    y_bias: lw.bo.as_ref(),
-                    w: &lw.mlp_norm_w,
-                    b: lw.mlp_norm_b.as_ref(),
-                    x_save: Some(&mut sv.mlp_x),
-                    h: &mut ws.h,
-                    mean: Some(&mut sv.mlp_mean),
-                    rstd: &mut sv.mlp_rstd,
-                },
-            )?;
-            let act_p = ops::act_params(rows, cfg.d_ff)?;
-            match cfg.arch {
-                Arch::Gpt2 => {
-                    be.gemm_a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
-                    be.gelu_fwd(&act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
-                }
-                Arch::Llama => {
-                    be.gemm_a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
-                    be.swiglu_fwd(&act_p, &sv.a, &mut ws.act)?;
-                }
-            }
-            be.gemm_a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y)?;
             pending = Some(lw.b_out.as_ref());
         }
         be.add_norm(
@@ -783,7 +763,7 @@ impl<B: Backend> ModelEngine<B> {
                 w: &model.final_norm_w,
                 b: model.final_norm_b.as_ref(),
                 x_save: Some(&mut ws.final_x),
-                h: &mut ws.h,
+                h: &mut ws.hidden,
                 mean: Some(&mut ws.final_mean),
                 rstd: &mut ws.final_rstd,
             },
@@ -822,7 +802,7 @@ impl<B: Backend> ModelEngine<B> {
             be.write("uploading head rows", &idx, &mut ws.head_idx)?;
             be.write("uploading labels", &labels, &mut ws.head_labels)?;
             let rp = ops::rows_params(c, d)?;
-            be.gather_rows(&rp, rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
+            be.gather_rows(&rp, rows, &ws.hidden, &ws.head_idx, &mut ws.head_h)?;
             be.gemm_a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits)?;
             let cp = ops::ce_params(c, vocab, grad_scale)?;
             be.cross_entropy(&cp, &mut ws.logits, &ws.head_labels, &mut ws.chunk_loss)?;
@@ -897,9 +877,17 @@ impl<B: Backend> ModelEngine<B> {
         )?;
         let pacc = ops::norm_params(rows, d, cfg.norm_eps, kind, true)?;
         let act_p = ops::act_params(rows, cfg.d_ff)?;
+        let n_saved = ws.saved.len();
         for l in (0..cfg.n_layers).rev() {
             let lw = &model.layers[l];
-            let sv = &ws.saved[l];
+            if !ws.layer_inputs.is_empty() {
+                // Recomputation: rerun this layer's forward from its kept input into slot 0.
+                let rd = rows * d;
+                let (x, inputs) = (&mut ws.x, &ws.layer_inputs);
+                be.copy("restoring a layer input", &inputs[l], 0..rd, x, 0)?;
+                layer_forward(be, &cfg, lw, ws, rope.as_ref(), &s_attn, l, 0, None, false)?;
+            }
+            let sv = &ws.saved[l % n_saved];
             // MLP block: d_act = dx·W_out, through the activation, dh = d_a·W_in, norm'.
             be.gemm_a_b(rows, cfg.d_ff, d, &ws.dx16, &lw.w_out, &mut ws.act)?;
             let f_in = match cfg.arch {
@@ -1055,10 +1043,15 @@ impl<B: Backend> Engine for ModelEngine<B> {
 
     fn describe(&self) -> String {
         format!(
-            "prefix-tune kernels on {}: fp16 weights ({:.1} MiB), fused prefix attention; \
+            "prefix-tune kernels on {}: fp16 weights ({:.1} MiB), fused prefix attention{}; \
              decoding on the CPU reference",
             self.be.describe(),
-            mib(self.model.bytes)
+            mib(self.model.bytes),
+            if self.recompute {
+                ", activation recomputation"
+            } else {
+                ""
+            }
         )
     }
 
@@ -1145,4 +1138,123 @@ impl<B: Backend> Engine for ModelEngine<B> {
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
         self.cpu.decode(cache, tokens)
     }
+}
+
+/// One layer's forward from the residual stream `ws.x` (first adding the pending branch output
+/// `ws.y` with its bias, when `pending`), keeping its activations in saved slot `slot` and, with
+/// `keep_input`, the block input in `ws.layer_inputs[l]` (for recomputation). Leaves the MLP's
+/// output (bias not added) in `ws.y`.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    lw: &DevLayer<B>,
+    ws: &mut Workspace<B>,
+    rope: Option<&RopeTables<B>>,
+    s_attn: &AttnShape,
+    layer: usize,
+    slot: usize,
+    pending: Option<Option<&B::Buf<f16>>>,
+    keep_input: bool,
+) -> Result<()> {
+    let (b, t) = (s_attn.batch, s_attn.seq);
+    let rows = b * t;
+    let (d, hd) = (cfg.d_model, cfg.head_dim);
+    let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+    let qkv_w = q_dim + 2 * kv_dim;
+    let kind = match cfg.arch {
+        Arch::Gpt2 => NormKind::Layer,
+        Arch::Llama => NormKind::Rms,
+    };
+    let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
+    let use_rope = cfg.arch == Arch::Llama;
+    let n_pos = rope.map_or(0, |r| r.n_positions);
+    let sv = &mut ws.saved[slot];
+    // Attention block.
+    be.add_norm(
+        &norm_p,
+        NormBufs {
+            x: &mut ws.x,
+            y: pending.map(|_| &ws.y),
+            y_bias: pending.flatten(),
+            w: &lw.attn_norm_w,
+            b: lw.attn_norm_b.as_ref(),
+            x_save: Some(&mut sv.attn_x),
+            h: &mut ws.h,
+            mean: Some(&mut sv.attn_mean),
+            rstd: &mut sv.attn_rstd,
+        },
+    )?;
+    if keep_input {
+        // Recomputation: the block input (after the add) is all this layer keeps.
+        be.copy(
+            "keeping a layer input",
+            &ws.x,
+            0..rows * d,
+            &mut ws.layer_inputs[layer],
+            0,
+        )?;
+    }
+    be.gemm_a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv)?;
+    let parts: [(usize, usize, bool, &mut B::Buf<f16>); 3] = [
+        (0, cfg.n_heads, use_rope, &mut sv.q),
+        (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
+        (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
+    ];
+    for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
+        let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
+        let bias = lw.bqkv.as_ref().map(|bs| &bs[i]);
+        let rope_bufs = rot.then(|| {
+            let r = rope.expect("RoPE tables");
+            RopeBufs {
+                pos_offset: &ws.pos_offset,
+                cos: &r.cos,
+                sin: &r.sin,
+            }
+        });
+        be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
+    }
+    let (bk, bv) = &ws.bank[layer];
+    let inputs = AttnBufs {
+        q: &sv.q,
+        k: &sv.k,
+        v: &sv.v,
+        prefix_k: bk,
+        prefix_v: bv,
+        prefix_index: &ws.prefix_index,
+        valid_len: &ws.valid_len,
+    };
+    be.attn_fwd(s_attn, attn_scale(cfg), inputs, &mut sv.o, &mut sv.lse)?;
+    let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
+    be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
+    be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
+
+    // MLP block.
+    be.add_norm(
+        &norm_p,
+        NormBufs {
+            x: &mut ws.x,
+            y: Some(&ws.y),
+            y_bias: lw.bo.as_ref(),
+            w: &lw.mlp_norm_w,
+            b: lw.mlp_norm_b.as_ref(),
+            x_save: Some(&mut sv.mlp_x),
+            h: &mut ws.h,
+            mean: Some(&mut sv.mlp_mean),
+            rstd: &mut sv.mlp_rstd,
+        },
+    )?;
+    let act_p = ops::act_params(rows, cfg.d_ff)?;
+    match cfg.arch {
+        Arch::Gpt2 => {
+            be.gemm_a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+            be.gelu_fwd(&act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
+        }
+        Arch::Llama => {
+            be.gemm_a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+            be.swiglu_fwd(&act_p, &sv.a, &mut ws.act)?;
+        }
+    }
+    be.gemm_a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y)?;
+    Ok(())
 }

@@ -237,6 +237,19 @@ fn family_case(test: &str, arch: Arch, seed: u64) {
         ));
         n += 1;
     }
+    // Activation recomputation: the same comparison.
+    gpu.set_recompute(true);
+    let batch = random_batch(&cfg, 3, 37, bank.n_prefixes, 1);
+    worst = worst.max(compare_case(
+        "B=3 T=37 recomputation",
+        &mut gpu,
+        &mut cpu,
+        &bank,
+        &batch,
+        &RunOptions::default(),
+    ));
+    n += 1;
+    gpu.set_recompute(false);
     // No prefix at all (the base model's loss).
     let batch = random_batch(&cfg, 2, 33, 1, 9);
     let want = cpu.loss(None, &batch, &RunOptions::default()).unwrap();

@@ -8,10 +8,12 @@
 //! Small models with head dim 64 (what the attention kernels support). Skips with a visible
 //! message when the build has no emulation; fails instead with `PREFIX_TUNE_REQUIRE_KERNELS=1`.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::emulation_or_skip;
 use prefix_tune::emu_backend::EmuEngine;
-use prefix_tune::emu_ops;
 use prefix_tune::engine::{CpuEngine, Engine};
 use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
 use prefix_tune::prefix::PrefixBank;
@@ -22,17 +24,6 @@ use prefix_tune::reference::testing::{random_bank, random_batch, random_model, t
 const LOSS_TOL: f64 = 1e-2;
 const GRAD_REL_TOL: f64 = 2e-2;
 const GRAD_COS_MIN: f64 = 0.999;
-
-fn emulation_or_skip(test: &str) -> bool {
-    if emu_ops::available() {
-        return true;
-    }
-    if std::env::var("PREFIX_TUNE_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
-        panic!("{test}: PREFIX_TUNE_REQUIRE_KERNELS=1 but the host emulation was not built");
-    }
-    eprintln!("SKIPPED {test}: no host emulation in this build (CUDA headers not found)");
-    false
-}
 
 fn round16(v: &mut [f32]) {
     v.iter_mut()

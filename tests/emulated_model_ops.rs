@@ -8,6 +8,9 @@
 //! Skips with a visible message when the build has no emulation (no CUDA headers); fails instead
 //! when `PREFIX_TUNE_REQUIRE_KERNELS=1`.
 
+mod common;
+
+use common::emulation_or_skip;
 use half::f16;
 use prefix_tune::cuda::model_ops::{
     act_params, ce_params, embedding_params, heads_params, norm_params, rows_params, NormKind,
@@ -21,17 +24,6 @@ use rand_distr::StandardNormal;
 
 /// fp16 tolerance on relative norm error.
 const TOL: f64 = 1e-2;
-
-fn emulation_or_skip(test: &str) -> bool {
-    if emu_ops::available() {
-        return true;
-    }
-    if std::env::var("PREFIX_TUNE_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
-        panic!("{test}: PREFIX_TUNE_REQUIRE_KERNELS=1 but the host emulation was not built");
-    }
-    eprintln!("SKIPPED {test}: no host emulation in this build (CUDA headers not found)");
-    false
-}
 
 /// `n` fp16 values `mean + std·N(0, 1)`.
 fn randn(rng: &mut StdRng, n: usize, mean: f32, std: f32) -> Vec<f16> {

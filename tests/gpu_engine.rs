@@ -13,6 +13,9 @@
 //! Without a usable GPU the GPU tests print SKIPPED and pass; with `PREFIX_TUNE_REQUIRE_GPU=1`
 //! they fail instead (the device check script sets it).
 
+mod common;
+
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,18 +34,12 @@ const GRAD_REL_TOL: f64 = 2e-2;
 const GRAD_COS_MIN: f64 = 0.999;
 
 fn require_gpu() -> bool {
-    std::env::var("PREFIX_TUNE_REQUIRE_GPU").is_ok_and(|v| v == "1")
+    common::env_is_1("PREFIX_TUNE_REQUIRE_GPU")
 }
 
 /// The GPU engine on `weights`, or None (after a visible SKIPPED line) without a usable GPU.
 fn gpu_engine_or_skip(test: &str, weights: Arc<ModelWeights<f32>>) -> Option<CudaEngine> {
-    if let Err(e) = GpuContext::new(0) {
-        if require_gpu() {
-            panic!("{test}: PREFIX_TUNE_REQUIRE_GPU=1 but no usable GPU: {e:#}");
-        }
-        eprintln!("SKIPPED {test}: no usable GPU ({e:#})");
-        return None;
-    }
+    common::gpu_or_skip(test)?;
     Some(
         CudaEngine::new(weights)
             .unwrap_or_else(|e| panic!("{test}: opening the GPU engine: {e:#}")),
@@ -368,8 +365,7 @@ fn training_run_tracks_the_cpu() {
 #[test]
 fn smollm2_loss_and_grad() {
     let test = "smollm2_loss_and_grad";
-    if GpuContext::new(0).is_err() && !require_gpu() {
-        eprintln!("SKIPPED {test}: no usable GPU");
+    if common::gpu_or_skip(test).is_none() {
         return;
     }
     let path = prefix_tune::assets::smollm2_gguf_path();
@@ -409,7 +405,8 @@ fn tiny_fixtures_are_refused_with_a_clear_message() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     if !root.is_dir() {
         // A bundled test binary run away from the source tree (scripts/gpu-check).
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "note: tiny_fixtures_are_refused_with_a_clear_message not run: no {}",
             root.display()
         );

@@ -26,24 +26,27 @@
 //!   backward reruns the layer before its backward.
 //! - Workspaces are allocated once and grown only when a larger batch arrives; an allocation
 //!   failure says how much was asked, how much is free, and what to reduce.
-//! - Decoding (generation) runs on the CPU reference engine for now: [`Engine::begin_decode`] and
-//!   [`Engine::decode`] delegate to it.
+//! - Decoding (generation) runs on the device too, with mixed prefixes, but without a KV cache
+//!   yet: each step reruns the forward over every sequence's tokens so far (quadratic in the
+//!   output length; fine for short outputs) and takes the last token's full-vocabulary logits.
 //!
 //! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
 //! host, where the trainer's optimizer keeps the fp32 master copy.
 
+use std::any::Any;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 
 use super::attention as attn;
 use super::backend::{AttnBufs, Backend, Elem, GpuBackend, NormBufs, RopeBufs};
 use super::model_ops::{self as ops, NormKind};
-use crate::engine::{check_run, CpuEngine, DecodeCache, Engine};
+use crate::engine::{check_run, DecodeCache, Engine};
 use crate::model::config::{Arch, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
 use crate::reference::attention::AttnShape;
+use crate::reference::decode::KvCache;
 use crate::reference::layers::Rope;
 use crate::reference::model::{Batch, LossOutput, Positions, RunOptions};
 
@@ -472,7 +475,6 @@ pub struct ModelEngine<B: Backend> {
     be: B,
     model: DevModel<B>,
     cfg: ModelConfig,
-    cpu: CpuEngine,
     ws: Option<Workspace<B>>,
     rope: Option<RopeTables<B>>,
     scaler: LossScaler,
@@ -533,7 +535,6 @@ impl<B: Backend> ModelEngine<B> {
             be,
             model,
             cfg: weights.config.clone(),
-            cpu: CpuEngine::new(weights),
             ws: None,
             rope: None,
             scaler: LossScaler {
@@ -829,6 +830,28 @@ impl<B: Backend> ModelEngine<B> {
         Ok(loss_sum)
     }
 
+    /// Full-vocabulary logits `[rows.len(), V]` of the given rows of the last forward's hidden
+    /// states (`n_rows` rows in all), in chunks of the head workspace.
+    fn row_logits(&mut self, rows: &[usize], n_rows: usize) -> Result<Vec<f32>> {
+        let Self {
+            be, model, ws, cfg, ..
+        } = self;
+        let ws = ws.as_mut().expect("workspace");
+        let (d, vocab) = (cfg.d_model, cfg.vocab_size);
+        let mut out = Vec::with_capacity(rows.len() * vocab);
+        for group in rows.chunks(ws.chunk) {
+            let c = group.len();
+            let idx: Vec<i32> = group.iter().map(|&r| r as i32).collect();
+            be.write("uploading logit rows", &idx, &mut ws.head_idx)?;
+            let rp = ops::rows_params(c, d)?;
+            be.gather_rows(&rp, n_rows, &ws.hidden, &ws.head_idx, &mut ws.head_h)?;
+            be.gemm_a_bt(c, vocab, d, &ws.head_h, model.head(), &mut ws.logits)?;
+            let l = be.read("downloading logits", &ws.logits, 0..c * vocab)?;
+            out.extend(l.iter().map(|x| x.to_f32()));
+        }
+        Ok(out)
+    }
+
     /// The prefix-only backward from the hidden-state gradient in `ws.y`. Returns the prefix
     /// gradient times `unscale`, or `None` when it is not finite (fp16 overflow).
     fn backward(&mut self, shape: &CallShape, unscale: f32) -> Result<Option<PrefixBank<f32>>> {
@@ -1044,7 +1067,7 @@ impl<B: Backend> Engine for ModelEngine<B> {
     fn describe(&self) -> String {
         format!(
             "prefix-tune kernels on {}: fp16 weights ({:.1} MiB), fused prefix attention{}; \
-             decoding on the CPU reference",
+             decoding reruns the forward (no KV cache yet)",
             self.be.describe(),
             mib(self.model.bytes),
             if self.recompute {
@@ -1132,11 +1155,130 @@ impl<B: Backend> Engine for ModelEngine<B> {
         prefix_index: &[Option<usize>],
         opts: &RunOptions,
     ) -> Result<Box<dyn DecodeCache>> {
-        self.cpu.begin_decode(prefix, prefix_index, opts)
+        // The reference cache's checks (bank shape, indices), so both engines refuse alike.
+        KvCache::<f32>::new(&self.cfg, prefix, prefix_index, opts.positions)?;
+        let prefix = prefix.filter(|p| p.len > 0).cloned();
+        let index = prefix_index
+            .iter()
+            .map(|i| i.filter(|_| prefix.is_some()))
+            .collect();
+        Ok(Box::new(HistoryCache {
+            prefix,
+            index,
+            history: vec![Vec::new(); prefix_index.len()],
+            opts: *opts,
+        }))
     }
 
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
-        self.cpu.decode(cache, tokens)
+        let Some(cache) = cache.as_any_mut().downcast_mut::<HistoryCache>() else {
+            bail!("decode: this cache was made by another engine");
+        };
+        let cfg = self.cfg.clone();
+        ensure!(
+            tokens.len() == cache.history.len(),
+            "decode: {} token lists for {} sequences",
+            tokens.len(),
+            cache.history.len()
+        );
+        let p_len = cache.prefix.as_ref().map_or(0, |p| p.len);
+        for (b, t) in tokens.iter().enumerate() {
+            ensure!(!t.is_empty(), "decode: sequence {b} has no new token");
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+                bail!(
+                    "decode: token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                );
+            }
+            let offset = match (cache.index[b], cache.opts.positions) {
+                (Some(_), Positions::AfterPrefix) => p_len,
+                _ => 0,
+            };
+            let needed = offset + cache.history[b].len() + t.len();
+            if cfg.arch == Arch::Gpt2 && needed > cfg.max_positions {
+                bail!(
+                    "GPT-2 has {} learned positions; sequence {b} would need {needed}",
+                    cfg.max_positions
+                );
+            }
+        }
+        for (h, t) in cache.history.iter_mut().zip(tokens) {
+            h.extend_from_slice(t);
+        }
+        // Sequences with a prefix run together with the bank, the others without one.
+        let vocab = cfg.vocab_size;
+        let mut out = vec![0.0f32; tokens.len() * vocab];
+        let (with, without): (Vec<usize>, Vec<usize>) =
+            (0..tokens.len()).partition(|&b| cache.index[b].is_some());
+        for group in [with, without] {
+            if group.is_empty() {
+                continue;
+            }
+            let seq = group
+                .iter()
+                .map(|&b| cache.history[b].len())
+                .max()
+                .unwrap_or(1);
+            let mut toks = vec![0u32; group.len() * seq];
+            for (g, &b) in group.iter().enumerate() {
+                toks[g * seq..g * seq + cache.history[b].len()].copy_from_slice(&cache.history[b]);
+            }
+            let batch = Batch {
+                batch: group.len(),
+                seq,
+                tokens: toks,
+                labels: vec![None; group.len() * seq],
+                valid_len: group.iter().map(|&b| cache.history[b].len()).collect(),
+                prefix_index: group.iter().map(|&b| cache.index[b].unwrap_or(0)).collect(),
+            };
+            let bank = cache.index[group[0]].and(cache.prefix.as_ref());
+            self.forward(bank, &batch, &cache.opts, false)?;
+            let rows: Vec<usize> = group
+                .iter()
+                .enumerate()
+                .map(|(g, &b)| g * seq + cache.history[b].len() - 1)
+                .collect();
+            let logits = self.row_logits(&rows, group.len() * seq)?;
+            for (g, &b) in group.iter().enumerate() {
+                out[b * vocab..(b + 1) * vocab]
+                    .copy_from_slice(&logits[g * vocab..(g + 1) * vocab]);
+            }
+        }
+        self.note_memory();
+        Ok(out)
+    }
+}
+
+/// Decoding state of [`ModelEngine`]: each sequence's tokens so far. Every decode step reruns
+/// the forward over the whole history on the device (the fused prefix attention, no KV cache
+/// yet): quadratic in the generated length, fine for the short outputs of prefix-tuned tasks.
+struct HistoryCache {
+    prefix: Option<PrefixBank<f32>>,
+    /// Per sequence, its prefix (`None`: none, or the bank has length 0).
+    index: Vec<Option<usize>>,
+    history: Vec<Vec<u32>>,
+    opts: RunOptions,
+}
+
+impl DecodeCache for HistoryCache {
+    fn batch(&self) -> usize {
+        self.history.len()
+    }
+
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.history.len()) {
+            bail!(
+                "reorder: row {r} of a cache of {} sequences",
+                self.history.len()
+            );
+        }
+        self.history = rows.iter().map(|&r| self.history[r].clone()).collect();
+        self.index = rows.iter().map(|&r| self.index[r]).collect();
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }
 

@@ -462,3 +462,50 @@ fn device_choice_without_and_with_a_gpu() {
         }
     }
 }
+
+#[test]
+fn greedy_generation_equals_the_cpu() {
+    let test = "greedy_generation_equals_the_cpu";
+    for (arch, seed) in [(Arch::Gpt2, 606), (Arch::Llama, 707)] {
+        let (w, bank) = shaped_setup(arch, seed);
+        let Some(mut gpu) = gpu_engine_or_skip(test, w.clone()) else {
+            return;
+        };
+        let mut cpu = CpuEngine::new(w.clone());
+        let opts = RunOptions::default();
+        let index = [Some(0), None, Some(1)];
+        let mut ce = cpu.begin_decode(Some(&bank), &index, &opts).unwrap();
+        let mut ge = gpu.begin_decode(Some(&bank), &index, &opts).unwrap();
+        let vocab = w.config.vocab_size;
+        let mut feed: Vec<Vec<u32>> = vec![vec![3, 14, 15, 9, 2], vec![26, 5], vec![35, 8, 9]];
+        let mut worst = 0.0f64;
+        for step in 0..16 {
+            let want = cpu.decode(ce.as_mut(), &feed).unwrap();
+            let got = gpu.decode(ge.as_mut(), &feed).unwrap();
+            let w64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let e = rel_err(&w64(&got), &w64(&want));
+            worst = worst.max(e);
+            assert!(
+                e <= LOSS_TOL,
+                "{arch:?} step {step}: logits rel err {e:.3e}"
+            );
+            let argmax =
+                |x: &[f32]| (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap() as u32;
+            feed = (0..3)
+                .map(|b| {
+                    let (g, c) = (
+                        argmax(&got[b * vocab..(b + 1) * vocab]),
+                        argmax(&want[b * vocab..(b + 1) * vocab]),
+                    );
+                    assert_eq!(
+                        g, c,
+                        "{arch:?} step {step}, sequence {b}: greedy tokens differ"
+                    );
+                    vec![c]
+                })
+                .collect();
+        }
+        println!("  {arch:?}: 16 greedy tokens equal, worst logits rel err {worst:.2e}");
+        println!("RESULT gpu_engine/{test}_{arch:?}: 16 cases, worst relative error {worst:.2e}");
+    }
+}

@@ -1,16 +1,24 @@
-//! prefix-tune: prefix tuning of frozen language models.
+//! prefix-tune: prefix tuning of frozen language models, on the CPU (the reference) or a CUDA GPU.
 //!
 //! Layers, each using only those below it:
-//! - [`reference`]: the math in plain Rust (attention, layers, model forward/backward): the
-//!   specification and the test oracle, and a CPU fallback;
-//! - [`prefix`]: prefix parameters (bank, PEFT layout, reparameterization, initialization);
-//! - [`optim`]: AdamW/SGD, schedules and clipping on fp32 master weights;
-//! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files;
-//! - [`cuda`]: the GPU side (kernels compiled by build.rs, launched through cudarc).
+//! - the loops and the CLI: [`cli`] (one file per command), [`train`] (+ [`checkpoint`],
+//!   [`plot`]), [`generate`], [`data`] (datasets and the sequence convention), [`bench`];
+//! - [`engine`]: one interface for "run the frozen model with these prefixes" (loss, prefix-only
+//!   gradient, decoding), implemented by the CPU reference and by the GPU engine;
+//! - [`reference`]: the math in plain Rust (attention, layers, model forward/backward, decoding):
+//!   the specification and the test oracle, and a CPU fallback;
+//! - [`cuda`]: the GPU side (kernels compiled by build.rs and embedded, launched through cudarc;
+//!   cuBLAS; the GPU engine, written over a backend that [`emu_backend`] also implements);
+//! - [`emu`], [`emu_ops`], [`emu_backend`]: the same CUDA kernels executed on the CPU by the host
+//!   emulation (kernels/host/), so tests can run them without a GPU;
+//! - [`prefix`]: prefix parameters (bank, PEFT layout, reparameterization, initialization, files);
+//!   [`optim`]: AdamW/SGD, schedules and clipping on fp32 master weights;
+//! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files; [`assets`]:
+//!   where fetched files live.
 pub mod assets;
 pub mod bench;
-pub mod cli;
 pub mod checkpoint;
+pub mod cli;
 pub mod cuda;
 pub mod data;
 pub mod emu;

@@ -152,25 +152,58 @@ impl Engine for CpuEngine {
     }
 }
 
+/// How an engine runs, beyond its device (the CLI's `--recompute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Per-layer activation recomputation on the GPU engine: the forward keeps only each
+    /// layer's input and the backward reruns the layer (less memory, about one more forward
+    /// per step). The CPU engine has no such mode: there it has no effect (a note says so).
+    pub recompute: bool,
+}
+
+/// [`open_engine_with`] with the default options.
+pub fn open_engine(weights: Arc<ModelWeights<f32>>, device: Device) -> Result<Box<dyn Engine>> {
+    open_engine_with(weights, device, &EngineOptions::default())
+}
+
 /// The engine for `device`: `cpu` the CPU reference; `cuda` the GPU engine
 /// ([`crate::cuda::engine::CudaEngine`]) or an error saying why it cannot run; `auto` the GPU
 /// engine when a usable GPU is present and the model fits its kernels, else the CPU (with a note
-/// on stderr when a GPU was there but could not be used).
-pub fn open_engine(weights: Arc<ModelWeights<f32>>, device: Device) -> Result<Box<dyn Engine>> {
+/// on stderr when a GPU was there but could not be used). `opts` apply to the GPU engine; on the
+/// CPU engine `recompute` has no effect and a note on stderr says so.
+pub fn open_engine_with(
+    weights: Arc<ModelWeights<f32>>,
+    device: Device,
+    opts: &EngineOptions,
+) -> Result<Box<dyn Engine>> {
     use crate::cuda::engine::CudaEngine;
+    let cpu = |weights| -> Box<dyn Engine> {
+        if opts.recompute {
+            eprintln!(
+                "note: --recompute has no effect on the CPU engine (it applies to --device cuda)"
+            );
+        }
+        Box::new(CpuEngine::new(weights))
+    };
+    let gpu = |mut e: CudaEngine| -> Box<dyn Engine> {
+        if opts.recompute {
+            e.set_recompute(true);
+        }
+        Box::new(e)
+    };
     match device {
-        Device::Cpu => Ok(Box::new(CpuEngine::new(weights))),
+        Device::Cpu => Ok(cpu(weights)),
         Device::Cuda => match CudaEngine::new(weights) {
-            Ok(e) => Ok(Box::new(e)),
+            Ok(e) => Ok(gpu(e)),
             Err(e) => bail!("--device cuda: {e:#}"),
         },
         Device::Auto => match CudaEngine::new(weights.clone()) {
-            Ok(e) => Ok(Box::new(e)),
+            Ok(e) => Ok(gpu(e)),
             Err(e) => {
                 if crate::cuda::gpu_available().is_ok() {
                     eprintln!("note: a GPU is present but the GPU engine cannot run: {e:#}; using the CPU");
                 }
-                Ok(Box::new(CpuEngine::new(weights)))
+                Ok(cpu(weights))
             }
         },
     }

@@ -25,10 +25,10 @@ use crate::bench::{
 };
 use crate::cuda::engine::CudaEngine;
 use crate::cuda::GpuContext;
-use crate::engine::{open_engine, Device, Engine};
+use crate::engine::{open_engine_with, Device, Engine, EngineOptions};
 use crate::model::config::{Arch, LayerWeights, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
-use crate::reference::model::Batch;
+use crate::reference::model::{Batch, RunOptions};
 use crate::reference::testing::{smollm2_135m_config, tiny_config};
 
 /// Benchmarks.
@@ -170,6 +170,14 @@ pub struct TrainBenchArgs {
     /// One JSON object per model instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Per-layer activation recomputation (GPU engine: less memory, one more forward per step;
+    /// no effect on the CPU engine).
+    #[arg(long)]
+    pub recompute: bool,
+    /// GPU: after the timing, this many more steps with every operation synchronised and timed,
+    /// for the per-op breakdown (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub profile_steps: usize,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -420,19 +428,31 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             a.prefix_len
         );
         // The GPU engine is kept concrete to read its memory counters.
-        let (timing, mem, device) = if cpu {
-            let mut engine = open_engine(weights, Device::Cpu)?;
+        let (timing, mem, device, profile) = if cpu {
+            let opts = EngineOptions {
+                recompute: a.recompute,
+            };
+            let mut engine = open_engine_with(weights, Device::Cpu, &opts)?;
             let t = bench_train_steps(engine.as_mut(), &mut prefix, &batch, warmup, steps)
                 .with_context(|| format!("bench train {name}"))?;
-            (t, None, engine.describe())
+            (t, None, engine.describe(), None)
         } else {
             let mut engine = CudaEngine::new(weights).with_context(|| {
                 format!(
                     "bench train {name} needs the GPU engine (--device cpu runs the CPU reference)"
                 )
             })?;
+            engine.set_recompute(a.recompute);
             let t = bench_train_steps(&mut engine, &mut prefix, &batch, warmup, steps)
                 .with_context(|| format!("bench train {name}"))?;
+            let profile = if a.profile_steps > 0 {
+                Some(
+                    profile_steps(&mut engine, &prefix, &batch, a.profile_steps)
+                        .with_context(|| format!("bench train {name}: the per-op profile"))?,
+                )
+            } else {
+                None
+            };
             let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
             let mem = (
                 mib(engine.allocated_bytes()),
@@ -440,7 +460,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 engine.loss_scale(),
                 engine.overflow_retries(),
             );
-            (t, Some(mem), engine.describe())
+            (t, Some(mem), engine.describe(), profile)
         };
         let tokens = (batch_size * seq) as f64;
         if a.json {
@@ -451,7 +471,11 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 "step_ms": timing.step_s * 1e3, "forward_ms": timing.forward_s * 1e3,
                 "tokens_per_s": tokens / timing.step_s, "loss": timing.last_loss,
                 "allocated_mib": null, "peak_device_mib": null,
+                "recompute": a.recompute,
             });
+            if let Some(p) = &profile {
+                row["profile"] = serde_json::to_value(p)?;
+            }
             if let Some((alloc, peak, scale, retries)) = mem {
                 row["allocated_mib"] = alloc.into();
                 row["peak_device_mib"] = peak.into();
@@ -492,6 +516,9 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 alloc,
                 peak
             );
+            if let Some(p) = &profile {
+                print!("{}", format_profile(&name, p));
+            }
         }
     }
     if !a.json {
@@ -502,4 +529,161 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The per-op breakdown of a training step (`bench train --device cuda`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepProfile {
+    /// Profiled steps the figures are averaged over.
+    pub steps: usize,
+    /// Wall time of one profiled step (ms; longer than an unprofiled one: every operation waits
+    /// for the device before and after itself).
+    pub step_ms: f64,
+    /// The categories, most time first.
+    pub ops: Vec<OpTime>,
+}
+
+/// One category of device operations in [`StepProfile`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Milliseconds per step.
+    pub ms: f64,
+    /// Calls per step.
+    pub calls: f64,
+    /// Fraction of the profiled step's wall time.
+    pub share: f64,
+}
+
+impl StepProfile {
+    /// From the backend's totals over `steps` steps that took `wall_s` seconds in all.
+    pub fn new(totals: &[(&str, f64, u64)], steps: usize, wall_s: f64) -> StepProfile {
+        let n = steps.max(1) as f64;
+        let step_ms = wall_s * 1e3 / n;
+        let mut ops: Vec<OpTime> = totals
+            .iter()
+            .map(|&(op, secs, calls)| OpTime {
+                op: op.to_string(),
+                ms: secs * 1e3 / n,
+                calls: calls as f64 / n,
+                share: if step_ms > 0.0 {
+                    secs * 1e3 / n / step_ms
+                } else {
+                    0.0
+                },
+            })
+            .collect();
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
+        StepProfile {
+            steps,
+            step_ms,
+            ops,
+        }
+    }
+
+    /// Milliseconds per step outside the timed operations (host work, launches, transfers).
+    pub fn other_ms(&self) -> f64 {
+        (self.step_ms - self.ops.iter().map(|o| o.ms).sum::<f64>()).max(0.0)
+    }
+}
+
+/// Runs `steps` more `loss_and_grad` calls on `engine` with its backend's profiling on.
+fn profile_steps(
+    engine: &mut CudaEngine,
+    prefix: &PrefixBank<f32>,
+    batch: &Batch,
+    steps: usize,
+) -> Result<StepProfile> {
+    let opts = RunOptions::default();
+    engine.backend_mut().enable_profile();
+    let _ = engine.backend_mut().take_profile(); // start from zero
+    let t0 = std::time::Instant::now();
+    for _ in 0..steps {
+        engine.loss_and_grad(prefix, batch, &opts)?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let totals = engine.backend_mut().take_profile();
+    Ok(StepProfile::new(&totals, steps, wall))
+}
+
+/// The per-op table printed after a model's timing row.
+pub fn format_profile(model: &str, p: &StepProfile) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  per-op time of {model} (mean of {} profiled steps of {:.2} ms; loss and prefix \
+         gradient, each op synchronised):",
+        p.steps, p.step_ms
+    );
+    let _ = writeln!(
+        s,
+        "  {:<28} {:>9} {:>7} {:>8}",
+        "op", "ms/step", "share", "calls"
+    );
+    for o in &p.ops {
+        let _ = writeln!(
+            s,
+            "  {:<28} {:>9.3} {:>6.1}% {:>8.1}",
+            o.op,
+            o.ms,
+            100.0 * o.share,
+            o.calls
+        );
+    }
+    let other = p.other_ms();
+    let share = if p.step_ms > 0.0 {
+        other / p.step_ms
+    } else {
+        0.0
+    };
+    let _ = writeln!(
+        s,
+        "  {:<28} {:>9.3} {:>6.1}%",
+        "(host, launches, other)",
+        other,
+        100.0 * share
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_averages_per_step_and_sorts_by_time() {
+        // Three steps of 30 ms: 45 ms of gemm in 60 calls, 15 ms of attention in 6.
+        let totals = [("attention fwd", 0.015, 6), ("gemm", 0.045, 60)];
+        let p = StepProfile::new(&totals, 3, 0.090);
+        assert_eq!(p.steps, 3);
+        assert!((p.step_ms - 30.0).abs() < 1e-9);
+        assert_eq!(p.ops[0].op, "gemm");
+        assert!((p.ops[0].ms - 15.0).abs() < 1e-9);
+        assert!((p.ops[0].calls - 20.0).abs() < 1e-9);
+        assert!((p.ops[0].share - 0.5).abs() < 1e-9);
+        assert_eq!(p.ops[1].op, "attention fwd");
+        assert!((p.ops[1].ms - 5.0).abs() < 1e-9);
+        assert!((p.other_ms() - 10.0).abs() < 1e-9);
+
+        let table = format_profile("tiny", &p);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[0].contains("tiny") && lines[0].contains("3 profiled steps"));
+        assert!(lines[2].contains("gemm") && lines[2].contains("15.000"));
+        assert!(lines[2].contains("50.0%") && lines[2].contains("20.0"));
+        assert!(lines[3].contains("attention fwd") && lines[3].contains("5.000"));
+        assert!(lines[4].contains("10.000") && lines[4].contains("33.3%"));
+
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(j["ops"][0]["op"], "gemm");
+        assert_eq!(j["ops"][1]["calls"], 2.0);
+    }
+
+    #[test]
+    fn profile_of_no_steps_does_not_divide_by_zero() {
+        let p = StepProfile::new(&[("gemm", 0.0, 0)], 0, 0.0);
+        assert!(p.ops[0].share == 0.0 && p.other_ms() == 0.0);
+        assert!(format_profile("m", &p).contains("0.0%"));
+    }
 }

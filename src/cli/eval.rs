@@ -17,7 +17,7 @@ use super::{load_model_arg, load_prefix_arg, positive_usize};
 use crate::data::{
     effective_max_len, encode_examples, load_examples, make_batch, special_tokens, LongPolicy,
 };
-use crate::engine::{open_engine, Device};
+use crate::engine::{open_engine_with, Device, EngineOptions};
 use crate::model::LoadedModel;
 use crate::prefix::file::parse_positions;
 use crate::reference::model::{Positions, RunOptions};
@@ -54,6 +54,11 @@ pub struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Per-layer activation recomputation on the GPU engine (accepted for symmetry with
+    /// `train`; a loss-only pass keeps no activations, so it changes nothing here; no effect on
+    /// the CPU engine).
+    #[arg(long)]
+    pub recompute: bool,
     /// Positions of the real tokens (default: the prefix's own convention, else after-prefix).
     #[arg(long, value_parser = ["after-prefix", "from-zero"])]
     pub positions: Option<String>,
@@ -98,7 +103,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let pad_id = special_tokens(&model.tokenizer).1.unwrap_or(0);
     let LoadedModel { weights, .. } = model;
-    let mut engine = open_engine(Arc::new(weights), a.device)?;
+    let engine_opts = EngineOptions {
+        recompute: a.recompute,
+    };
+    let mut engine = open_engine_with(Arc::new(weights), a.device, &engine_opts)?;
+    if a.recompute {
+        eprintln!(
+            "note: --recompute: evaluation runs the forward only and keeps no activations, so \
+             recomputation changes nothing (engine: {})",
+            engine.describe()
+        );
+    }
     let run = RunOptions { positions };
     let bank = prefix.as_ref().map(|p| &p.bank);
 

@@ -17,7 +17,7 @@ use crate::data::{
     effective_max_len, encode_examples, load_examples, special_tokens, split_by_input, Encoded,
     Example, LongPolicy,
 };
-use crate::engine::{open_engine, Device, Engine};
+use crate::engine::{open_engine_with, Device, Engine, EngineOptions};
 use crate::generate::{generate, GenerateOptions, Request, Strategy};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::LoadedModel;
@@ -118,6 +118,11 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     #[serde(skip)]
     pub device: Device,
+    /// Recompute each layer's activations in the backward instead of keeping them (GPU engine:
+    /// less device memory, about one more forward per step; no effect on the CPU engine).
+    #[arg(long)]
+    #[serde(skip)]
+    pub recompute: bool,
     /// Evaluate every N steps (default: 5 times per run; also at the start and the end).
     #[arg(long, allow_negative_numbers = true)]
     pub eval_every: Option<u64>,
@@ -470,6 +475,7 @@ pub fn run(cli: TrainArgs) -> Result<()> {
             }
             saved.out = Some(cli.out.clone().unwrap_or_else(|| dir.clone()));
             saved.device = cli.device;
+            saved.recompute = cli.recompute;
             saved.stop_after = cli.stop_after;
             saved.show_examples = cli.show_examples;
             saved.show_tokens = cli.show_tokens;
@@ -566,7 +572,10 @@ pub fn run(cli: TrainArgs) -> Result<()> {
     let LoadedModel {
         weights, tokenizer, ..
     } = model;
-    let mut engine = open_engine(Arc::new(weights), a.device)?;
+    let engine_opts = EngineOptions {
+        recompute: a.recompute,
+    };
+    let mut engine = open_engine_with(Arc::new(weights), a.device, &engine_opts)?;
 
     // Everything checked: create the run directory.
     std::fs::create_dir_all(&out)

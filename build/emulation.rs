@@ -33,6 +33,8 @@ pub fn compile_host_emulation(cuda_include: Option<&Path>) {
         .file(kernels.join("host").join("emulation.cpp"))
         // The model-layer kernels (embedding, norm, activation, rope, cross_entropy).
         .file(kernels.join("host").join("emulation_model_ops.cpp"))
+        // The KV-cache decode attention.
+        .file(kernels.join("host").join("emulation_decode.cpp"))
         .include(&kernels)
         .include(kernels.join("host"))
         .include(&include)

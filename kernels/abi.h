@@ -15,5 +15,6 @@
 #include "abi/optim.h"
 #include "abi/attention.h"
 #include "abi/model_ops.h"
+#include "abi/decode.h"
 
 #endif /* PT_ABI_H */

@@ -23,6 +23,7 @@ pub mod cuda;
 pub mod data;
 pub mod emu;
 pub mod emu_backend;
+pub mod emu_decode;
 pub mod emu_ops;
 pub mod engine;
 pub mod generate;

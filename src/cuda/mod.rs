@@ -6,6 +6,7 @@ pub mod abi;
 pub mod attention;
 pub mod backend;
 pub mod context;
+pub mod decode;
 pub mod engine;
 pub mod gemm;
 pub mod model_ops;

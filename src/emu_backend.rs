@@ -17,6 +17,7 @@ use crate::cuda::abi::{
     pt_rows_params,
 };
 use crate::cuda::backend::{AttnBufs, AttnGradBufs, Backend, Elem, NormBufs, RopeBufs};
+use crate::cuda::decode::{DecodeBufs, DecodeShape};
 use crate::cuda::engine::ModelEngine;
 use crate::cuda::model_ops::check_len;
 use crate::emu::{self, HalfInputs};
@@ -400,6 +401,25 @@ impl Backend for EmuBackend {
         put(&mut scratch.dv, &g.dv)?;
         put(&mut scratch.dpk, &g.d_prefix_k)?;
         put(&mut scratch.dpv, &g.d_prefix_v)
+    }
+
+    fn decode_attn(
+        &self,
+        s: &DecodeShape,
+        scale: f32,
+        bufs: DecodeBufs<'_, Vec<f16>>,
+        past: &Vec<i32>,
+        n_new: &Vec<i32>,
+        o: &mut Vec<f16>,
+    ) -> Result<()> {
+        let host = DecodeBufs {
+            q: &bufs.q[..],
+            k_new: &bufs.k_new[..],
+            v_new: &bufs.v_new[..],
+            cache_k: &bufs.cache_k[..],
+            cache_v: &bufs.cache_v[..],
+        };
+        crate::emu_decode::forward_into(s, scale, &host, &past[..s.batch], &n_new[..s.batch], o)
     }
 
     fn attn_grads(scratch: &EmuAttnScratch) -> AttnGradBufs<'_, Self> {

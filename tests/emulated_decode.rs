@@ -12,15 +12,25 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::emulation_or_skip;
 use half::f16;
 use prefix_tune::cuda::decode::{DecodeBufs, DecodeShape};
+use prefix_tune::emu_backend::EmuEngine;
 use prefix_tune::emu_decode;
+use prefix_tune::engine::{CpuEngine, DecodeCache, Engine};
+use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
+use prefix_tune::prefix::PrefixBank;
 use prefix_tune::reference::attention::{self, AttnInputs, AttnShape};
+use prefix_tune::reference::model::{Positions, RunOptions};
 use prefix_tune::reference::real::rel_err;
-use prefix_tune::reference::testing::random_vec;
+use prefix_tune::reference::testing::{random_bank, random_model, random_vec, tiny_config};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+
+/// Logits tolerance of the engine against the reference (fp16 weights and activations).
+const LOGITS_TOL: f64 = 1e-2;
 
 fn halves(rng: &mut StdRng, n: usize) -> Vec<f16> {
     random_vec(rng, n, 1.0)
@@ -128,4 +138,231 @@ fn decode_attention_kernel_matches_reference() {
             "decode attention Hq={q_heads} Hkv={kv_heads} D={head_dim}: worst rel err {worst:.2e}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulated engine's KV-cache decoding against the CPU reference decoding.
+
+fn round16(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+/// The weights as the engine holds them: every value rounded to fp16.
+fn fp16_rounded(mut w: ModelWeights<f32>) -> ModelWeights<f32> {
+    round16(&mut w.tok_emb);
+    round16(&mut w.final_norm_w);
+    for v in [&mut w.pos_emb, &mut w.final_norm_b, &mut w.lm_head]
+        .into_iter()
+        .flatten()
+    {
+        round16(v);
+    }
+    for l in &mut w.layers {
+        for v in [
+            &mut l.attn_norm_w,
+            &mut l.wq,
+            &mut l.wk,
+            &mut l.wv,
+            &mut l.wo,
+            &mut l.mlp_norm_w,
+            &mut l.w_in,
+            &mut l.w_out,
+        ] {
+            round16(v);
+        }
+        for v in [
+            &mut l.attn_norm_b,
+            &mut l.bq,
+            &mut l.bk,
+            &mut l.bv,
+            &mut l.bo,
+            &mut l.mlp_norm_b,
+            &mut l.b_in,
+            &mut l.w_up,
+            &mut l.b_out,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            round16(v);
+        }
+    }
+    w
+}
+
+/// Small models of both families with head dim 64; Llama with GQA and q_dim != d_model.
+fn config(arch: Arch) -> ModelConfig {
+    let mut cfg = tiny_config(arch, arch == Arch::Gpt2);
+    cfg.head_dim = 64;
+    cfg.d_model = 64;
+    cfg.vocab_size = 71;
+    match arch {
+        Arch::Gpt2 => {
+            cfg.n_heads = 2;
+            cfg.n_kv_heads = 2;
+            cfg.d_ff = 96;
+            cfg.max_positions = 40;
+        }
+        Arch::Llama => {
+            cfg.n_heads = 4;
+            cfg.n_kv_heads = 2;
+            cfg.d_ff = 80;
+        }
+    }
+    cfg
+}
+
+fn setup(arch: Arch, seed: u64) -> (Arc<ModelWeights<f32>>, PrefixBank<f32>) {
+    let cfg = config(arch);
+    let weights = Arc::new(fp16_rounded(random_model(&cfg, 0.08, seed).cast::<f32>()));
+    let mut bank = random_bank(&cfg, 2, 4, 0.5, seed + 1).cast::<f32>();
+    for v in bank.k.iter_mut().chain(bank.v.iter_mut()) {
+        round16(v);
+    }
+    (weights, bank)
+}
+
+fn f64s32(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap() as u32
+}
+
+/// Both engines' decoding side by side.
+struct Pair {
+    emu: EmuEngine,
+    cpu: CpuEngine,
+    ge: Box<dyn DecodeCache>,
+    ce: Box<dyn DecodeCache>,
+    worst: f64,
+}
+
+impl Pair {
+    /// One step: compares the logits and returns the (equal) greedy tokens.
+    fn step(&mut self, feed: &[Vec<u32>], what: &str) -> Vec<u32> {
+        let want = self.cpu.decode(self.ce.as_mut(), feed).unwrap();
+        let got = self.emu.decode(self.ge.as_mut(), feed).unwrap();
+        assert_eq!(got.len(), want.len(), "{what}: logits length");
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{what}: non-finite logits"
+        );
+        let e = rel_err(&f64s32(&got), &f64s32(&want));
+        self.worst = self.worst.max(e);
+        assert!(e <= LOGITS_TOL, "{what}: logits rel err {e:.3e}");
+        let vocab = self.emu.config().vocab_size;
+        (0..feed.len())
+            .map(|b| {
+                let (g, w) = (
+                    argmax(&got[b * vocab..(b + 1) * vocab]),
+                    argmax(&want[b * vocab..(b + 1) * vocab]),
+                );
+                assert_eq!(g, w, "{what}, sequence {b}: greedy tokens differ");
+                w
+            })
+            .collect()
+    }
+
+    fn reorder(&mut self, rows: &[usize]) {
+        self.ce.reorder(rows).unwrap();
+        self.ge.reorder(rows).unwrap();
+        assert_eq!(self.ge.batch(), rows.len());
+    }
+}
+
+#[test]
+fn kv_cache_decoding_matches_the_reference() {
+    let test = "kv_cache_decoding_matches_the_reference";
+    if !emulation_or_skip(test) {
+        return;
+    }
+    for (arch, positions, seed) in [
+        (Arch::Gpt2, Positions::AfterPrefix, 501),
+        (Arch::Llama, Positions::FromZero, 502),
+        (Arch::Llama, Positions::AfterPrefix, 503),
+    ] {
+        let (weights, bank) = setup(arch, seed);
+        let opts = RunOptions {
+            positions,
+            ..RunOptions::default()
+        };
+        // Two different prefixes and a no-prefix request in one batch, uneven prompts.
+        let index = [Some(1), None, Some(0), Some(1)];
+        let mut emu = EmuEngine::new_emulated(weights.clone()).unwrap();
+        let mut cpu = CpuEngine::new(weights.clone());
+        let ge = emu.begin_decode(Some(&bank), &index, &opts).unwrap();
+        let ce = cpu.begin_decode(Some(&bank), &index, &opts).unwrap();
+        let mut p = Pair {
+            emu,
+            cpu,
+            ge,
+            ce,
+            worst: 0.0,
+        };
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![3, 14, 15, 9, 2, 6],
+            vec![26],
+            vec![35, 8, 9],
+            vec![1, 70],
+        ];
+        let mut next = p.step(&prompts, "prefill");
+        // A step with several new tokens for some sequences (causal among themselves).
+        let feed: Vec<Vec<u32>> = next
+            .iter()
+            .enumerate()
+            .map(|(b, &t)| if b % 2 == 0 { vec![t, 7, 11] } else { vec![t] })
+            .collect();
+        next = p.step(&feed, "multi-token step");
+        for step in 0..4 {
+            let feed: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            next = p.step(&feed, &format!("greedy step {step}"));
+        }
+        // Beams: grow (a sequence copied twice), drop one, reorder; then more greedy steps.
+        let rows = vec![2, 0, 2, 3, 1];
+        p.reorder(&rows);
+        next = rows.iter().map(|&r| next[r]).collect();
+        for step in 0..3 {
+            let feed: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            next = p.step(&feed, &format!("after reorder, step {step}"));
+        }
+        let rows = vec![4, 1];
+        p.reorder(&rows);
+        next = rows.iter().map(|&r| next[r]).collect();
+        for step in 0..2 {
+            let feed: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            next = p.step(&feed, &format!("after second reorder, step {step}"));
+        }
+        println!(
+            "  {arch:?} {positions:?}: prefill + 11 steps equal greedy tokens, worst logits rel \
+             err {:.2e}",
+            p.worst
+        );
+    }
+}
+
+#[test]
+fn kv_cache_capacity_is_checked() {
+    let test = "kv_cache_capacity_is_checked";
+    if !emulation_or_skip(test) {
+        return;
+    }
+    let (weights, bank) = setup(Arch::Llama, 600);
+    let mut emu = EmuEngine::new_emulated(weights).unwrap();
+    emu.set_decode_headroom(2);
+    let opts = RunOptions::default();
+    let mut cache = emu
+        .begin_decode(Some(&bank), &[Some(0), None], &opts)
+        .unwrap();
+    emu.decode(cache.as_mut(), &[vec![1, 2, 3], vec![4]])
+        .unwrap();
+    // Capacity: prefix 4 + prompt 3 + headroom 2 = 9 entries; sequence 0 holds 7.
+    emu.decode(cache.as_mut(), &[vec![5], vec![6]]).unwrap();
+    emu.decode(cache.as_mut(), &[vec![5], vec![6]]).unwrap();
+    let err = emu
+        .decode(cache.as_mut(), &[vec![5], vec![6]])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KV-cache entries"), "unexpected error: {err}");
 }

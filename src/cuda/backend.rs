@@ -25,6 +25,7 @@ use super::abi::{
 };
 use super::attention::{self as attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
 use super::context::GpuContext;
+use super::decode::{self as dec, DecodeBufs, DecodeShape};
 use super::gemm::Gemm;
 use super::model_ops::{self as ops, NormFwdBufs, RopeArgs};
 use crate::reference::attention::AttnShape;
@@ -234,6 +235,17 @@ pub trait Backend {
         scratch: &mut Self::AttnScratch,
     ) -> Result<()>;
     fn attn_grads(scratch: &Self::AttnScratch) -> AttnGradBufs<'_, Self>;
+    /// KV-cache decode attention (`kernels/decode_attention.cu`): `past`/`n_new` `[B]` hold
+    /// lengths the caller checked with [`dec::check_lengths`].
+    fn decode_attn(
+        &self,
+        s: &DecodeShape,
+        scale: f32,
+        bufs: DecodeBufs<'_, Self::Buf<f16>>,
+        past: &Self::Buf<i32>,
+        n_new: &Self::Buf<i32>,
+        o: &mut Self::Buf<f16>,
+    ) -> Result<()>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -636,6 +648,20 @@ impl Backend for GpuBackend {
                 ws,
                 grads,
             )
+        })
+    }
+
+    fn decode_attn(
+        &self,
+        s: &DecodeShape,
+        scale: f32,
+        bufs: DecodeBufs<'_, CudaSlice<f16>>,
+        past: &CudaSlice<i32>,
+        n_new: &CudaSlice<i32>,
+        o: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        self.timed("decode attention", || {
+            dec::forward(&self.gpu, s, scale, &bufs, past, n_new, o)
         })
     }
 

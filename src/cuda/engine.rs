@@ -26,9 +26,14 @@
 //!   backward reruns the layer before its backward.
 //! - Workspaces are allocated once and grown only when a larger batch arrives; an allocation
 //!   failure says how much was asked, how much is free, and what to reduce.
-//! - Decoding (generation) runs on the device too, with mixed prefixes, but without a KV cache
-//!   yet: each step reruns the forward over every sequence's tokens so far (quadratic in the
-//!   output length; fine for short outputs) and takes the last token's full-vocabulary logits.
+//! - Decoding (generation) runs on the device with a per-layer KV cache `[B, Hkv, capacity, D]`
+//!   whose first entries of each sequence are its prefix (mixed prefixes, or none, per request).
+//!   A step (the prefill with whole prompts of uneven lengths, then one token per sequence) runs
+//!   the new tokens through the layers; the attention (`kernels/decode_attention.cu`) reads the
+//!   cache then the new keys causally, which are then appended to the cache (a row scatter).
+//!   Beam reordering gathers cache rows on the device. The cache is allocated once per session
+//!   at the prefill (longest prefix + prompt + a headroom, [`ModelEngine::set_decode_headroom`]);
+//!   outgrowing it is an error saying so.
 //!
 //! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
 //! host, where the trainer's optimizer keeps the fp32 master copy.
@@ -41,6 +46,7 @@ use half::f16;
 
 use super::attention as attn;
 use super::backend::{AttnBufs, Backend, Elem, GpuBackend, NormBufs, RopeBufs};
+use super::decode::{DecodeBufs, DecodeShape};
 use super::model_ops::{self as ops, NormKind};
 use crate::engine::{check_run, DecodeCache, Engine};
 use crate::model::config::{Arch, ModelConfig, ModelWeights};
@@ -486,6 +492,8 @@ pub struct ModelEngine<B: Backend> {
     recompute: bool,
     /// dQ without float atomics in the attention backward (bitwise reproducible).
     pub deterministic: bool,
+    /// KV-cache entries per sequence kept free after a prefill ([`ModelEngine::set_decode_headroom`]).
+    decode_headroom: usize,
 }
 
 /// The GPU engine.
@@ -546,6 +554,7 @@ impl<B: Backend> ModelEngine<B> {
             head_chunk_elems: HEAD_CHUNK_ELEMS,
             recompute: false,
             deterministic: false,
+            decode_headroom: DECODE_HEADROOM,
         };
         e.note_memory();
         Ok(e)
@@ -1059,7 +1068,10 @@ fn loss_output(loss_sum: Vec<f64>, batch: &Batch) -> LossOutput<f32> {
     }
 }
 
-impl<B: Backend> Engine for ModelEngine<B> {
+impl<B: Backend + 'static> Engine for ModelEngine<B>
+where
+    B::Buf<f16>: Send,
+{
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -1067,7 +1079,7 @@ impl<B: Backend> Engine for ModelEngine<B> {
     fn describe(&self) -> String {
         format!(
             "prefix-tune kernels on {}: fp16 weights ({:.1} MiB), fused prefix attention{}; \
-             decoding reruns the forward (no KV cache yet)",
+             KV-cache decoding",
             self.be.describe(),
             mib(self.model.bytes),
             if self.recompute {
@@ -1157,128 +1169,35 @@ impl<B: Backend> Engine for ModelEngine<B> {
     ) -> Result<Box<dyn DecodeCache>> {
         // The reference cache's checks (bank shape, indices), so both engines refuse alike.
         KvCache::<f32>::new(&self.cfg, prefix, prefix_index, opts.positions)?;
-        let prefix = prefix.filter(|p| p.len > 0).cloned();
-        let index = prefix_index
+        let bank = prefix.filter(|p| p.len > 0).cloned();
+        let index: Vec<Option<usize>> = prefix_index
             .iter()
-            .map(|i| i.filter(|_| prefix.is_some()))
+            .map(|i| i.filter(|_| bank.is_some()))
             .collect();
-        Ok(Box::new(HistoryCache {
-            prefix,
+        let p_len = bank.as_ref().map_or(0, |p| p.len);
+        Ok(Box::new(KvDecodeCache::<B> {
+            prefix_len: index
+                .iter()
+                .map(|i| if i.is_some() { p_len } else { 0 })
+                .collect(),
+            tokens: vec![0; index.len()],
             index,
-            history: vec![Vec::new(); prefix_index.len()],
+            bank,
             opts: *opts,
+            capacity: 0,
+            rows_alloc: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+            pending: None,
+            dev_batch: 0,
         }))
     }
 
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let Some(cache) = cache.as_any_mut().downcast_mut::<HistoryCache>() else {
+        let Some(cache) = cache.as_any_mut().downcast_mut::<KvDecodeCache<B>>() else {
             bail!("decode: this cache was made by another engine");
         };
-        let cfg = self.cfg.clone();
-        ensure!(
-            tokens.len() == cache.history.len(),
-            "decode: {} token lists for {} sequences",
-            tokens.len(),
-            cache.history.len()
-        );
-        let p_len = cache.prefix.as_ref().map_or(0, |p| p.len);
-        for (b, t) in tokens.iter().enumerate() {
-            ensure!(!t.is_empty(), "decode: sequence {b} has no new token");
-            if let Some(&bad) = t.iter().find(|&&x| x as usize >= cfg.vocab_size) {
-                bail!(
-                    "decode: token id {bad} is outside the vocabulary of {}",
-                    cfg.vocab_size
-                );
-            }
-            let offset = match (cache.index[b], cache.opts.positions) {
-                (Some(_), Positions::AfterPrefix) => p_len,
-                _ => 0,
-            };
-            let needed = offset + cache.history[b].len() + t.len();
-            if cfg.arch == Arch::Gpt2 && needed > cfg.max_positions {
-                bail!(
-                    "GPT-2 has {} learned positions; sequence {b} would need {needed}",
-                    cfg.max_positions
-                );
-            }
-        }
-        for (h, t) in cache.history.iter_mut().zip(tokens) {
-            h.extend_from_slice(t);
-        }
-        // Sequences with a prefix run together with the bank, the others without one.
-        let vocab = cfg.vocab_size;
-        let mut out = vec![0.0f32; tokens.len() * vocab];
-        let (with, without): (Vec<usize>, Vec<usize>) =
-            (0..tokens.len()).partition(|&b| cache.index[b].is_some());
-        for group in [with, without] {
-            if group.is_empty() {
-                continue;
-            }
-            let seq = group
-                .iter()
-                .map(|&b| cache.history[b].len())
-                .max()
-                .unwrap_or(1);
-            let mut toks = vec![0u32; group.len() * seq];
-            for (g, &b) in group.iter().enumerate() {
-                toks[g * seq..g * seq + cache.history[b].len()].copy_from_slice(&cache.history[b]);
-            }
-            let batch = Batch {
-                batch: group.len(),
-                seq,
-                tokens: toks,
-                labels: vec![None; group.len() * seq],
-                valid_len: group.iter().map(|&b| cache.history[b].len()).collect(),
-                prefix_index: group.iter().map(|&b| cache.index[b].unwrap_or(0)).collect(),
-            };
-            let bank = cache.index[group[0]].and(cache.prefix.as_ref());
-            self.forward(bank, &batch, &cache.opts, false)?;
-            let rows: Vec<usize> = group
-                .iter()
-                .enumerate()
-                .map(|(g, &b)| g * seq + cache.history[b].len() - 1)
-                .collect();
-            let logits = self.row_logits(&rows, group.len() * seq)?;
-            for (g, &b) in group.iter().enumerate() {
-                out[b * vocab..(b + 1) * vocab]
-                    .copy_from_slice(&logits[g * vocab..(g + 1) * vocab]);
-            }
-        }
-        self.note_memory();
-        Ok(out)
-    }
-}
-
-/// Decoding state of [`ModelEngine`]: each sequence's tokens so far. Every decode step reruns
-/// the forward over the whole history on the device (the fused prefix attention, no KV cache
-/// yet): quadratic in the generated length, fine for the short outputs of prefix-tuned tasks.
-struct HistoryCache {
-    prefix: Option<PrefixBank<f32>>,
-    /// Per sequence, its prefix (`None`: none, or the bank has length 0).
-    index: Vec<Option<usize>>,
-    history: Vec<Vec<u32>>,
-    opts: RunOptions,
-}
-
-impl DecodeCache for HistoryCache {
-    fn batch(&self) -> usize {
-        self.history.len()
-    }
-
-    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= self.history.len()) {
-            bail!(
-                "reorder: row {r} of a cache of {} sequences",
-                self.history.len()
-            );
-        }
-        self.history = rows.iter().map(|&r| self.history[r].clone()).collect();
-        self.index = rows.iter().map(|&r| self.index[r]).collect();
-        Ok(())
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+        self.kv_decode(cache, tokens)
     }
 }
 
@@ -1381,6 +1300,440 @@ fn layer_forward<B: Backend>(
             w: &lw.mlp_norm_w,
             b: lw.mlp_norm_b.as_ref(),
             x_save: Some(&mut sv.mlp_x),
+            h: &mut ws.h,
+            mean: Some(&mut sv.mlp_mean),
+            rstd: &mut sv.mlp_rstd,
+        },
+    )?;
+    let act_p = ops::act_params(rows, cfg.d_ff)?;
+    match cfg.arch {
+        Arch::Gpt2 => {
+            be.gemm_a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+            be.gelu_fwd(&act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
+        }
+        Arch::Llama => {
+            be.gemm_a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
+            be.swiglu_fwd(&act_p, &sv.a, &mut ws.act)?;
+        }
+    }
+    be.gemm_a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV-cache decoding.
+
+/// Cache entries kept free after the prefill for the tokens still to come (per sequence), unless
+/// [`ModelEngine::set_decode_headroom`] says otherwise.
+const DECODE_HEADROOM: usize = 1024;
+
+/// Decoding state of [`ModelEngine`]: per layer, the device-side keys (after RoPE) and values
+/// `[B, Hkv, capacity, D]`, whose first entries of each sequence are its prefix, then its tokens
+/// so far. Allocated at the first [`Engine::decode`] call (the prefill), for the longest prefix
+/// and prompt plus the engine's headroom. [`DecodeCache::reorder`] is recorded on the host and
+/// applied on the device (a row gather) at the next decode call.
+struct KvDecodeCache<B: Backend> {
+    /// The bank until the prefill copies each sequence's prefix into the cache.
+    bank: Option<PrefixBank<f32>>,
+    /// Per sequence: its prefix (meaningful until the prefill), prefix entries, tokens so far.
+    index: Vec<Option<usize>>,
+    prefix_len: Vec<usize>,
+    tokens: Vec<usize>,
+    opts: RunOptions,
+    /// Allocated at the prefill: capacity per (sequence, kv head), sequences the buffers hold.
+    capacity: usize,
+    rows_alloc: usize,
+    k: Vec<B::Buf<f16>>,
+    v: Vec<B::Buf<f16>>,
+    /// Device rows of the current sequences (a reorder not yet applied), `None` when in order.
+    pending: Option<Vec<usize>>,
+    /// Sequences in the device buffers (before `pending`).
+    dev_batch: usize,
+}
+
+impl<B: Backend> KvDecodeCache<B> {
+    fn allocated(&self) -> bool {
+        !self.k.is_empty()
+    }
+}
+
+impl<B: Backend + 'static> DecodeCache for KvDecodeCache<B>
+where
+    B::Buf<f16>: Send,
+{
+    fn batch(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        let n = self.tokens.len();
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            bail!("reorder: row {r} of a cache of {n} sequences");
+        }
+        let pick = |v: &Vec<usize>| rows.iter().map(|&r| v[r]).collect::<Vec<_>>();
+        self.prefix_len = pick(&self.prefix_len);
+        self.tokens = pick(&self.tokens);
+        self.index = rows.iter().map(|&r| self.index[r]).collect();
+        if self.allocated() {
+            let cur: Vec<usize> = self
+                .pending
+                .take()
+                .unwrap_or_else(|| (0..self.dev_batch).collect());
+            self.pending = Some(rows.iter().map(|&r| cur[r]).collect());
+        }
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl<B: Backend> ModelEngine<B> {
+    /// Cache entries (per sequence) kept free after the prefill of a decode session for the
+    /// tokens to come; a session that outgrows it fails with an error saying so.
+    pub fn set_decode_headroom(&mut self, tokens: usize) {
+        self.decode_headroom = tokens;
+    }
+
+    /// Allocates the cache for the prefill `n_new` and copies each sequence's prefix into it.
+    fn alloc_kv_cache(&mut self, cache: &mut KvDecodeCache<B>, n_new: &[usize]) -> Result<()> {
+        let cfg = &self.cfg;
+        let (hkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
+        let b = cache.tokens.len();
+        let t_max = n_new.iter().copied().max().unwrap_or(0);
+        let p_max = cache.prefix_len.iter().copied().max().unwrap_or(0);
+        let mut cap = p_max + t_max + self.decode_headroom;
+        if cfg.arch == Arch::Gpt2 {
+            // No sequence can outgrow the learned positions (plus a prefix from zero).
+            cap = cap.min(p_max + cfg.max_positions + t_max);
+        }
+        let layer = b * hkv * cap * hd;
+        let mut k = Vec::with_capacity(cfg.n_layers);
+        let mut v = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let what = |kv: &str| {
+                format!("layer {l} KV cache {kv} ({b} sequences × {cap} entries; fewer sequences or a smaller headroom need less)")
+            };
+            let mut kb = self.be.alloc::<f16>(&what("keys"), layer)?;
+            let mut vb = self.be.alloc::<f16>(&what("values"), layer)?;
+            if let Some(bank) = cache.bank.as_ref().filter(|p| p.len > 0) {
+                let per = bank.prefix_len_elems();
+                let p = bank.len;
+                let mut hk = vec![f16::ZERO; layer];
+                let mut hv = vec![f16::ZERO; layer];
+                for (s, idx) in cache.index.iter().enumerate() {
+                    let Some(i) = *idx else { continue };
+                    for h in 0..hkv {
+                        let src = i * per + h * p * hd;
+                        let dst = (s * hkv + h) * cap * hd;
+                        for e in 0..p * hd {
+                            hk[dst + e] = f16::from_f32(bank.k[l][src + e]);
+                            hv[dst + e] = f16::from_f32(bank.v[l][src + e]);
+                        }
+                    }
+                }
+                self.be
+                    .write("uploading prefix keys into the KV cache", &hk, &mut kb)?;
+                self.be
+                    .write("uploading prefix values into the KV cache", &hv, &mut vb)?;
+            }
+            k.push(kb);
+            v.push(vb);
+        }
+        cache.k = k;
+        cache.v = v;
+        cache.capacity = cap;
+        cache.rows_alloc = b;
+        cache.dev_batch = b;
+        cache.bank = None;
+        Ok(())
+    }
+
+    /// Applies a pending reorder: gathers the cache rows on the device.
+    fn apply_reorder(&mut self, cache: &mut KvDecodeCache<B>) -> Result<()> {
+        let Some(rows) = cache.pending.take() else {
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let row = cfg.n_kv_heads * cache.capacity * cfg.head_dim;
+        let n = rows.len();
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let dev_idx = upload(&self.be, "uploading reorder rows", &idx)?;
+        let rp = ops::rows_params(n, row)?;
+        for l in 0..cfg.n_layers {
+            for buf in [&mut cache.k[l], &mut cache.v[l]] {
+                let mut dst = self
+                    .be
+                    .alloc::<f16>("KV cache (reordered)", n.max(1) * row)?;
+                self.be
+                    .gather_rows(&rp, cache.dev_batch, buf, &dev_idx, &mut dst)?;
+                *buf = dst;
+            }
+        }
+        cache.dev_batch = n;
+        cache.rows_alloc = n;
+        Ok(())
+    }
+
+    /// One decode step with the KV cache (see [`KvDecodeCache`]).
+    fn kv_decode(&mut self, cache: &mut KvDecodeCache<B>, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let cfg = self.cfg.clone();
+        let (d, hd, hkv) = (cfg.d_model, cfg.head_dim, cfg.n_kv_heads);
+        let b = cache.tokens.len();
+        ensure!(
+            tokens.len() == b,
+            "decode: {} token lists for {b} sequences",
+            tokens.len()
+        );
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let n_new: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let next_pos: Vec<usize> = (0..b)
+            .map(|s| match cache.opts.positions {
+                Positions::AfterPrefix => cache.prefix_len[s] + cache.tokens[s],
+                Positions::FromZero => cache.tokens[s],
+            })
+            .collect();
+        let mut max_pos = 0;
+        for (s, t) in tokens.iter().enumerate() {
+            ensure!(!t.is_empty(), "decode: sequence {s} has no new token");
+            if let Some(&bad) = t.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+                bail!(
+                    "decode: token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                );
+            }
+            let needed = next_pos[s] + t.len();
+            if cfg.arch == Arch::Gpt2 && needed > cfg.max_positions {
+                bail!(
+                    "GPT-2 has {} learned positions; sequence {s} would need {needed}",
+                    cfg.max_positions
+                );
+            }
+            max_pos = max_pos.max(needed);
+        }
+        if !cache.allocated() {
+            self.alloc_kv_cache(cache, &n_new)?;
+        }
+        self.apply_reorder(cache)?;
+        let t = n_new.iter().copied().max().unwrap_or(1);
+        let cap = cache.capacity;
+        let past: Vec<usize> = (0..b)
+            .map(|s| cache.prefix_len[s] + cache.tokens[s])
+            .collect();
+        if let Some(s) = (0..b).find(|&s| past[s] + t > cap) {
+            bail!(
+                "decode: sequence {s} needs {} KV-cache entries but the cache was allocated for \
+                 {cap} (the longest prefix and prompt plus a headroom of {} tokens); generate \
+                 fewer tokens or raise the headroom",
+                past[s] + t,
+                self.decode_headroom
+            );
+        }
+        let shape = CallShape {
+            batch: b,
+            seq: t,
+            prefix: 0,
+            n_prefixes: 0,
+        };
+        self.prepare(&shape, false, max_pos)?;
+        let Self {
+            be,
+            model,
+            ws,
+            rope,
+            ..
+        } = self;
+        let ws = ws.as_mut().expect("prepared workspace");
+        let rows = b * t;
+        let mut toks = vec![0i32; rows];
+        for (s, tk) in tokens.iter().enumerate() {
+            for (i, &x) in tk.iter().enumerate() {
+                toks[s * t + i] = x as i32;
+            }
+        }
+        let offsets: Vec<i32> = next_pos.iter().map(|&p| p as i32).collect();
+        let past_i: Vec<i32> = past.iter().map(|&x| x as i32).collect();
+        let new_i: Vec<i32> = n_new.iter().map(|&x| x as i32).collect();
+        be.write("uploading token ids", &toks, &mut ws.tokens)?;
+        be.write("uploading position offsets", &offsets, &mut ws.pos_offset)?;
+        be.write("uploading cache lengths", &past_i, &mut ws.prefix_index)?;
+        be.write("uploading new-token counts", &new_i, &mut ws.valid_len)?;
+        // Where each new key/value row goes in the cache (padding rows land past the sequence's
+        // length, where they are never read and later overwritten).
+        let mut append = Vec::with_capacity(b * hkv * t);
+        for (s, &p) in past.iter().enumerate() {
+            for h in 0..hkv {
+                for i in 0..t {
+                    append.push(((s * hkv + h) * cap + p + i) as i32);
+                }
+            }
+        }
+        let append_idx = upload(be, "uploading cache slots", &append)?;
+        let dshape = DecodeShape {
+            batch: b,
+            q_heads: cfg.n_heads,
+            kv_heads: hkv,
+            head_dim: hd,
+            n_new: t,
+            capacity: cap,
+        };
+        crate::cuda::decode::check_lengths(&dshape, &past_i, &new_i)?;
+
+        let kind = match cfg.arch {
+            Arch::Gpt2 => NormKind::Layer,
+            Arch::Llama => NormKind::Rms,
+        };
+        let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
+        let emb_p = ops::embedding_params(
+            b,
+            t,
+            d,
+            cfg.vocab_size,
+            model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
+        )?;
+        be.embedding(
+            &emb_p,
+            &ws.tokens,
+            &ws.pos_offset,
+            &model.tok_emb,
+            model.pos_emb.as_ref(),
+            &mut ws.x,
+        )?;
+        let mut pending: Option<Option<&B::Buf<f16>>> = None;
+        for (l, lw) in model.layers.iter().enumerate() {
+            let (ck, cv) = (&mut cache.k[l], &mut cache.v[l]);
+            decode_layer_forward(
+                be,
+                &cfg,
+                lw,
+                ws,
+                rope.as_ref(),
+                &dshape,
+                pending,
+                (ck, cv),
+                &append_idx,
+            )?;
+            pending = Some(lw.b_out.as_ref());
+        }
+        be.add_norm(
+            &norm_p,
+            NormBufs {
+                x: &mut ws.x,
+                y: pending.map(|_| &ws.y),
+                y_bias: pending.flatten(),
+                w: &model.final_norm_w,
+                b: model.final_norm_b.as_ref(),
+                x_save: Some(&mut ws.final_x),
+                h: &mut ws.hidden,
+                mean: Some(&mut ws.final_mean),
+                rstd: &mut ws.final_rstd,
+            },
+        )?;
+        for (s, &n) in n_new.iter().enumerate() {
+            cache.tokens[s] += n;
+        }
+        let last: Vec<usize> = (0..b).map(|s| s * t + n_new[s] - 1).collect();
+        let logits = self.row_logits(&last, rows)?;
+        self.note_memory();
+        Ok(logits)
+    }
+}
+
+/// One layer of a decode step: as [`layer_forward`], with the attention over the KV cache
+/// (`kernels/decode_attention.cu`) and the new keys/values appended to the cache after it.
+#[allow(clippy::too_many_arguments)]
+fn decode_layer_forward<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    lw: &DevLayer<B>,
+    ws: &mut Workspace<B>,
+    rope: Option<&RopeTables<B>>,
+    s: &DecodeShape,
+    pending: Option<Option<&B::Buf<f16>>>,
+    cache: (&mut B::Buf<f16>, &mut B::Buf<f16>),
+    append_idx: &B::Buf<i32>,
+) -> Result<()> {
+    let (b, t) = (s.batch, s.n_new);
+    let rows = b * t;
+    let (d, hd) = (cfg.d_model, cfg.head_dim);
+    let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+    let qkv_w = q_dim + 2 * kv_dim;
+    let kind = match cfg.arch {
+        Arch::Gpt2 => NormKind::Layer,
+        Arch::Llama => NormKind::Rms,
+    };
+    let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
+    let use_rope = cfg.arch == Arch::Llama;
+    let n_pos = rope.map_or(0, |r| r.n_positions);
+    let sv = &mut ws.saved[0];
+    be.add_norm(
+        &norm_p,
+        NormBufs {
+            x: &mut ws.x,
+            y: pending.map(|_| &ws.y),
+            y_bias: pending.flatten(),
+            w: &lw.attn_norm_w,
+            b: lw.attn_norm_b.as_ref(),
+            x_save: None,
+            h: &mut ws.h,
+            mean: Some(&mut sv.attn_mean),
+            rstd: &mut sv.attn_rstd,
+        },
+    )?;
+    be.gemm_a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv)?;
+    let parts: [(usize, usize, bool, &mut B::Buf<f16>); 3] = [
+        (0, cfg.n_heads, use_rope, &mut sv.q),
+        (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
+        (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
+    ];
+    for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
+        let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
+        let bias = lw.bqkv.as_ref().map(|bs| &bs[i]);
+        let rope_bufs = rot.then(|| {
+            let r = rope.expect("RoPE tables");
+            RopeBufs {
+                pos_offset: &ws.pos_offset,
+                cos: &r.cos,
+                sin: &r.sin,
+            }
+        });
+        be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
+    }
+    let (ck, cv) = cache;
+    be.decode_attn(
+        s,
+        attn_scale(cfg),
+        DecodeBufs {
+            q: &sv.q,
+            k_new: &sv.k,
+            v_new: &sv.v,
+            cache_k: ck,
+            cache_v: cv,
+        },
+        &ws.prefix_index,
+        &ws.valid_len,
+        &mut sv.o,
+    )?;
+    let ap = ops::rows_params(b * s.kv_heads * t, hd)?;
+    let cache_rows = b * s.kv_heads * s.capacity;
+    be.scatter_rows(&ap, cache_rows, &sv.k, append_idx, ck)?;
+    be.scatter_rows(&ap, cache_rows, &sv.v, append_idx, cv)?;
+    let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
+    be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
+    be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
+
+    be.add_norm(
+        &norm_p,
+        NormBufs {
+            x: &mut ws.x,
+            y: Some(&ws.y),
+            y_bias: lw.bo.as_ref(),
+            w: &lw.mlp_norm_w,
+            b: lw.mlp_norm_b.as_ref(),
+            x_save: None,
             h: &mut ws.h,
             mean: Some(&mut sv.mlp_mean),
             rstd: &mut sv.mlp_rstd,

@@ -284,10 +284,7 @@ fn kv_cache_decoding_matches_the_reference() {
         (Arch::Llama, Positions::AfterPrefix, 503),
     ] {
         let (weights, bank) = setup(arch, seed);
-        let opts = RunOptions {
-            positions,
-            ..RunOptions::default()
-        };
+        let opts = RunOptions { positions };
         // Two different prefixes and a no-prefix request in one batch, uneven prompts.
         let index = [Some(1), None, Some(0), Some(1)];
         let mut emu = EmuEngine::new_emulated(weights.clone()).unwrap();

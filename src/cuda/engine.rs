@@ -1185,7 +1185,6 @@ where
             bank,
             opts: *opts,
             capacity: 0,
-            rows_alloc: 0,
             k: Vec::new(),
             v: Vec::new(),
             pending: None,
@@ -1340,9 +1339,8 @@ struct KvDecodeCache<B: Backend> {
     prefix_len: Vec<usize>,
     tokens: Vec<usize>,
     opts: RunOptions,
-    /// Allocated at the prefill: capacity per (sequence, kv head), sequences the buffers hold.
+    /// Allocated at the prefill: entries per (sequence, kv head).
     capacity: usize,
-    rows_alloc: usize,
     k: Vec<B::Buf<f16>>,
     v: Vec<B::Buf<f16>>,
     /// Device rows of the current sequences (a reorder not yet applied), `None` when in order.
@@ -1444,7 +1442,6 @@ impl<B: Backend> ModelEngine<B> {
         cache.k = k;
         cache.v = v;
         cache.capacity = cap;
-        cache.rows_alloc = b;
         cache.dev_batch = b;
         cache.bank = None;
         Ok(())
@@ -1472,7 +1469,6 @@ impl<B: Backend> ModelEngine<B> {
             }
         }
         cache.dev_batch = n;
-        cache.rows_alloc = n;
         Ok(())
     }
 

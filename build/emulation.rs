@@ -35,6 +35,8 @@ pub fn compile_host_emulation(cuda_include: Option<&Path>) {
         .file(kernels.join("host").join("emulation_model_ops.cpp"))
         // The KV-cache decode attention.
         .file(kernels.join("host").join("emulation_decode.cpp"))
+        // The optimizer steps and the sum-of-squares reduction.
+        .file(kernels.join("host").join("emulation_optim.cpp"))
         .include(&kernels)
         .include(kernels.join("host"))
         .include(&include)

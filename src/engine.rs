@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use crate::model::config::{ModelConfig, ModelWeights};
+use crate::optim::{clip_grad_norm, Optimizer};
 use crate::prefix::PrefixBank;
 use crate::reference::decode::{decode_step, KvCache};
 use crate::reference::model::{self, Batch, LossOutput, RunOptions};
@@ -72,6 +73,38 @@ pub trait Engine {
     /// Feeds `tokens[b]` (at least one token: a prompt for the prefill, then one token per step)
     /// to sequence `b` and returns the logits `[B, V]` of each sequence's last new token.
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>>;
+    /// One optimizer update of the flat trainable parameters `params` (optimizer order) from
+    /// their gradient `grads`: clips the global gradient norm to `max_grad_norm` (0: off) like
+    /// `torch.nn.utils.clip_grad_norm_`, then steps `optimizer` with learning rate `lr`. Returns
+    /// the norm before clipping; when it is not finite nothing is updated. `grads` may be
+    /// scaled in place. The default runs [`cpu_update`] on the host; the GPU engine runs the
+    /// optimizer kernels on fp32 master weights kept on the device.
+    fn apply_update(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        optimizer: &mut Optimizer,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<f64> {
+        Ok(cpu_update(params, grads, optimizer, lr, max_grad_norm))
+    }
+}
+
+/// [`Engine::apply_update`] on the host: [`clip_grad_norm`] then [`Optimizer::step`] (nothing
+/// when the norm is not finite).
+pub fn cpu_update(
+    params: &mut [f32],
+    grads: &mut [f32],
+    optimizer: &mut Optimizer,
+    lr: f64,
+    max_grad_norm: f64,
+) -> f64 {
+    let norm = clip_grad_norm(&mut [grads], max_grad_norm);
+    if norm.is_finite() {
+        optimizer.step(params, grads, lr);
+    }
+    norm
 }
 
 pub use crate::reference::model::check_run;
@@ -185,11 +218,12 @@ pub fn open_engine_with(
         }
         Box::new(CpuEngine::new(weights))
     };
+    // The GPU engine with the optimizer step on the device too.
     let gpu = |mut e: CudaEngine| -> Box<dyn Engine> {
         if opts.recompute {
             e.set_recompute(true);
         }
-        Box::new(e)
+        Box::new(crate::cuda::device_optim::DeviceOptimEngine::new(e))
     };
     match device {
         Device::Cpu => Ok(cpu(weights)),

@@ -25,6 +25,7 @@ pub mod emu;
 pub mod emu_backend;
 pub mod emu_decode;
 pub mod emu_ops;
+pub mod emu_optim;
 pub mod engine;
 pub mod generate;
 pub mod model;

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{save_checkpoint, CheckpointParts};
 use crate::data::{make_batch, Encoded};
 use crate::engine::Engine;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Optimizer, Schedule, Sgd, SgdConfig};
+use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule, Sgd, SgdConfig};
 use crate::prefix::peft::to_peft;
 use crate::prefix::{save_prefix, PrefixBank, PrefixMeta, Reparam};
 use crate::reference::model::RunOptions;
@@ -536,7 +536,21 @@ pub fn train(
         }
         let mut grad = grad_acc.expect("at least one micro-batch");
         let loss = loss_sum / n_targets as f64;
-        let norm = clip_grad_norm(&mut [&mut grad], config.max_grad_norm);
+        let lr = schedule.lr(config.lr, st.step);
+        let mut params = trainable.to_flat();
+        // Clipping and the optimizer step, on the engine's device (nothing is updated when the
+        // loss or the gradient norm is not finite).
+        let norm = if loss.is_finite() {
+            engine.apply_update(
+                &mut params,
+                &mut grad,
+                &mut optimizer,
+                lr,
+                config.max_grad_norm,
+            )?
+        } else {
+            f64::NAN
+        };
         if !loss.is_finite() || !norm.is_finite() {
             if let Some(b) = &bar {
                 b.abandon();
@@ -550,9 +564,6 @@ pub fn train(
                 out.join(crate::checkpoint::CHECKPOINT_DIR).display()
             );
         }
-        let lr = schedule.lr(config.lr, st.step);
-        let mut params = trainable.to_flat();
-        optimizer.step(&mut params, &grad, lr);
         if params.iter().any(|x| !x.is_finite()) {
             if let Some(b) = &bar {
                 b.abandon();

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod gemm;
 pub mod model_ops;
 pub mod modules;
+pub mod device_optim;
 pub mod ops;
 
 pub use context::{gpu_available, kernels_built, GpuContext};

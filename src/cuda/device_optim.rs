@@ -1,0 +1,395 @@
+//! The optimizer step on the device: the AdamW / SGD and sum-of-squares kernels of
+//! `kernels/optim.cu` on fp32 master weights that stay resident between steps.
+//!
+//! [`OptimOps`] is what a backend needs (the GPU through [`crate::cuda::ops`], the host
+//! emulation through [`crate::emu_optim`]); [`DeviceOptimizer`] holds the device copies of the
+//! flat trainable parameters, their gradient and the optimizer state, and does one update the
+//! way [`crate::engine::cpu_update`] does on the host: the global gradient norm (two-stage
+//! reduction), `clip_grad_norm_`'s factor folded into the kernel's `grad_scale`, then the
+//! optimizer kernel.
+//!
+//! [`DeviceOptimEngine`] is the GPU engine (or the emulated one) with this update as its
+//! [`Engine::apply_update`]; everything else is the model engine's.
+//!
+//! The host stays the owner of record: after each update the parameters and the optimizer state
+//! are copied back into the caller's `params` / [`Optimizer`] (the trainer builds the prefix
+//! for the next forward from them and checkpoints them). Device copies are re-uploaded only
+//! when the host values differ from what the device last returned (a resume, an outside change).
+
+use anyhow::{bail, Result};
+
+use crate::cuda::backend::{Backend, GpuBackend};
+use crate::cuda::engine::ModelEngine;
+use crate::emu_backend::EmuBackend;
+use crate::engine::{DecodeCache, Engine};
+use crate::model::config::ModelConfig;
+use crate::optim::{AdamWConfig, Optimizer, SgdConfig};
+use crate::prefix::PrefixBank;
+use crate::reference::model::{Batch, LossOutput, RunOptions};
+
+/// Optimizer kernels of a backend. `n` elements of each buffer take part (buffers may be longer).
+pub trait OptimOps: Backend {
+    /// AdamW update number `step` (1-based) of `param` from `grad * grad_scale`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// SGD update; `step` 1 marks the first (the momentum buffer's contents are then ignored).
+    #[allow(clippy::too_many_arguments)]
+    fn sgd_step(
+        &self,
+        config: &SgdConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        momentum_buf: Option<&mut Self::Buf<f32>>,
+    ) -> Result<()>;
+    /// `out[0] = Σ x[..n]²`.
+    fn sum_squares(&self, n: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
+}
+
+impl OptimOps for GpuBackend {
+    fn adamw_step(
+        &self,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        crate::cuda::ops::adamw_step(
+            &self.gpu,
+            config,
+            step,
+            lr,
+            grad_scale,
+            &mut param.slice_mut(..n),
+            &grad.slice(..n),
+            &mut m.slice_mut(..n),
+            &mut v.slice_mut(..n),
+            None,
+        )
+    }
+
+    fn sgd_step(
+        &self,
+        config: &SgdConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        momentum_buf: Option<&mut Self::Buf<f32>>,
+    ) -> Result<()> {
+        let mut buf = momentum_buf.map(|b| b.slice_mut(..n));
+        crate::cuda::ops::sgd_step(
+            &self.gpu,
+            config,
+            step,
+            lr,
+            grad_scale,
+            &mut param.slice_mut(..n),
+            &grad.slice(..n),
+            buf.as_mut(),
+            None,
+        )
+    }
+
+    fn sum_squares(&self, n: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()> {
+        crate::cuda::ops::sum_squares(&self.gpu, &x.slice(..n), &mut out.slice_mut(..1), false)
+    }
+}
+
+impl OptimOps for EmuBackend {
+    fn adamw_step(
+        &self,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        let p = crate::cuda::ops::adamw_params(config, step, lr, grad_scale, n)?;
+        crate::emu_optim::adamw_step(&p, param, grad, m, v, None)
+    }
+
+    fn sgd_step(
+        &self,
+        config: &SgdConfig,
+        step: u64,
+        lr: f64,
+        grad_scale: f32,
+        n: usize,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        momentum_buf: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let p = crate::emu_optim::sgd_params(config, step, lr, grad_scale, n)?;
+        let buf = momentum_buf.filter(|_| config.momentum != 0.0);
+        crate::emu_optim::sgd_step(&p, param, grad, buf.map(|b| &mut b[..]), None)
+    }
+
+    fn sum_squares(&self, n: usize, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        if x.len() < n || out.is_empty() {
+            bail!("emulated sum of squares: buffers too small");
+        }
+        crate::emu_optim::sum_squares(&x[..n], &mut out[0], false)
+    }
+}
+
+/// Device copies of the flat parameters, gradient and optimizer state, with the host values
+/// they were last synchronised with.
+pub struct DeviceOptimizer<B: Backend> {
+    n: usize,
+    param: B::Buf<f32>,
+    grad: B::Buf<f32>,
+    /// AdamW's m, or SGD's momentum buffer.
+    s1: B::Buf<f32>,
+    /// AdamW's v.
+    s2: B::Buf<f32>,
+    norm: B::Buf<f32>,
+    /// Host values the device copies hold (empty: nothing uploaded yet).
+    host_param: Vec<f32>,
+    host_s1: Vec<f32>,
+    host_s2: Vec<f32>,
+}
+
+impl<B: OptimOps> DeviceOptimizer<B> {
+    /// Device buffers for `n` parameters.
+    pub fn new(be: &B, n: usize) -> Result<Self> {
+        Ok(DeviceOptimizer {
+            n,
+            param: be.alloc("trainable parameters (fp32 master)", n)?,
+            grad: be.alloc("gradient of the trainable parameters", n)?,
+            s1: be.alloc("optimizer state (first moment / momentum)", n)?,
+            s2: be.alloc("optimizer state (second moment)", n)?,
+            norm: be.alloc("gradient norm", 1)?,
+            host_param: Vec::new(),
+            host_s1: Vec::new(),
+            host_s2: Vec::new(),
+        })
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// One update of `params` from `grads` with `optimizer` and learning rate `lr`, clipping the
+    /// global gradient norm to `max_grad_norm` (0: off). Returns the norm before clipping; when
+    /// it is not finite nothing is updated. `grads` is not modified.
+    pub fn step(
+        &mut self,
+        be: &B,
+        params: &mut [f32],
+        grads: &[f32],
+        optimizer: &mut Optimizer,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<f64> {
+        let n = self.n;
+        if params.len() != n || grads.len() != n {
+            bail!(
+                "device optimizer: {} parameters and {} gradients for buffers of {n}",
+                params.len(),
+                grads.len()
+            );
+        }
+        optimizer.check_len(n)?;
+        be.write("gradient", grads, &mut self.grad)?;
+        be.sum_squares(n, &self.grad, &mut self.norm)?;
+        let sq = be.read("gradient norm", &self.norm, 0..1)?[0];
+        let norm = (sq as f64).sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        // clip_grad_norm_'s factor, applied by the kernel as grad * grad_scale.
+        let coef = if max_grad_norm > 0.0 {
+            (max_grad_norm / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let grad_scale = if coef < 1.0 { coef as f32 } else { 1.0 };
+        if self.host_param.as_slice() != &*params {
+            be.write("trainable parameters", params, &mut self.param)?;
+        }
+        match optimizer {
+            Optimizer::AdamW(o) => {
+                sync(be, &o.m, &mut self.host_s1, &mut self.s1, n)?;
+                sync(be, &o.v, &mut self.host_s2, &mut self.s2, n)?;
+                o.step += 1;
+                be.adamw_step(
+                    &o.config,
+                    o.step,
+                    lr,
+                    grad_scale,
+                    n,
+                    &mut self.param,
+                    &self.grad,
+                    &mut self.s1,
+                    &mut self.s2,
+                )?;
+                o.m = be.read("AdamW first moment", &self.s1, 0..n)?;
+                o.v = be.read("AdamW second moment", &self.s2, 0..n)?;
+                self.host_s1.clone_from(&o.m);
+                self.host_s2.clone_from(&o.v);
+            }
+            Optimizer::Sgd(o) => {
+                let momentum = o.config.momentum != 0.0;
+                let first = o.buf.is_empty();
+                if momentum && !first {
+                    sync(be, &o.buf, &mut self.host_s1, &mut self.s1, n)?;
+                }
+                o.step += 1;
+                // The kernels tell the first momentum step by its number.
+                let kernel_step = if first { 1 } else { o.step.max(2) };
+                be.sgd_step(
+                    &o.config,
+                    kernel_step,
+                    lr,
+                    grad_scale,
+                    n,
+                    &mut self.param,
+                    &self.grad,
+                    momentum.then_some(&mut self.s1),
+                )?;
+                if momentum {
+                    o.buf = be.read("SGD momentum", &self.s1, 0..n)?;
+                    self.host_s1.clone_from(&o.buf);
+                }
+            }
+        }
+        let updated = be.read("trainable parameters", &self.param, 0..n)?;
+        params.copy_from_slice(&updated);
+        self.host_param = updated;
+        Ok(norm)
+    }
+}
+
+/// Uploads `host` unless the device already holds it.
+fn sync<B: Backend>(
+    be: &B,
+    host: &[f32],
+    mirror: &mut Vec<f32>,
+    dev: &mut B::Buf<f32>,
+    n: usize,
+) -> Result<()> {
+    if host.len() != n {
+        bail!(
+            "device optimizer: state of {} elements for {n} parameters",
+            host.len()
+        );
+    }
+    if mirror.as_slice() != host {
+        be.write("optimizer state", host, dev)?;
+        mirror.clear();
+        mirror.extend_from_slice(host);
+    }
+    Ok(())
+}
+
+/// A model engine whose [`Engine::apply_update`] runs on its device ([`DeviceOptimizer`]);
+/// every other call goes to the engine unchanged.
+pub struct DeviceOptimEngine<B: OptimOps> {
+    pub engine: ModelEngine<B>,
+    optim: Option<DeviceOptimizer<B>>,
+}
+
+impl<B: OptimOps> DeviceOptimEngine<B> {
+    pub fn new(engine: ModelEngine<B>) -> Self {
+        DeviceOptimEngine {
+            engine,
+            optim: None,
+        }
+    }
+}
+
+impl<B: OptimOps> Engine for DeviceOptimEngine<B>
+where
+    ModelEngine<B>: Engine,
+{
+    fn config(&self) -> &ModelConfig {
+        self.engine.config()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}; optimizer kernels on the device",
+            self.engine.describe()
+        )
+    }
+
+    fn loss(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<LossOutput<f32>> {
+        self.engine.loss(prefix, batch, opts)
+    }
+
+    fn loss_and_grad(
+        &mut self,
+        prefix: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> Result<(LossOutput<f32>, PrefixBank<f32>)> {
+        self.engine.loss_and_grad(prefix, batch, opts)
+    }
+
+    fn begin_decode(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        prefix_index: &[Option<usize>],
+        opts: &RunOptions,
+    ) -> Result<Box<dyn DecodeCache>> {
+        self.engine.begin_decode(prefix, prefix_index, opts)
+    }
+
+    fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
+        self.engine.decode(cache, tokens)
+    }
+
+    fn apply_update(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        optimizer: &mut Optimizer,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<f64> {
+        let be = self.engine.backend_mut();
+        if !matches!(&self.optim, Some(o) if o.len() == params.len()) {
+            self.optim = None;
+            self.optim = Some(DeviceOptimizer::new(be, params.len())?);
+        }
+        let optim = self.optim.as_mut().expect("allocated above");
+        optim.step(be, params, grads, optimizer, lr, max_grad_norm)
+    }
+}

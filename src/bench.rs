@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::cuda::attention::{self as gpu_attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
 use crate::cuda::GpuContext;
 use crate::engine::Engine;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, Optimizer};
 use crate::prefix::PrefixBank;
 use crate::reference::attention::{self as plain, AttnInputs, AttnShape};
 use crate::reference::blockwise::{self, BlockSizes};
@@ -414,7 +414,8 @@ pub struct TrainTiming {
 }
 
 /// Times `steps` training steps after `warmup` untimed ones on `engine`: each step is
-/// `loss_and_grad` of `batch` and an AdamW update (lr 1e-3) of `prefix` on the host; then the
+/// `loss_and_grad` of `batch` and an AdamW update (lr 1e-3) of `prefix` through
+/// [`Engine::apply_update`] (on the engine's device: the host for the CPU engine); then the
 /// loss alone, `steps` times. Step times are medians.
 pub fn bench_train_steps(
     engine: &mut dyn Engine,
@@ -425,7 +426,7 @@ pub fn bench_train_steps(
 ) -> Result<TrainTiming> {
     let opts = RunOptions::default();
     let n: usize = prefix.k.iter().chain(&prefix.v).map(Vec::len).sum();
-    let mut opt = AdamW::new(AdamWConfig::default(), n);
+    let mut opt = Optimizer::AdamW(AdamW::new(AdamWConfig::default(), n));
     let mut flat = Vec::with_capacity(n);
     let mut grad_flat = Vec::with_capacity(n);
     let mut last_loss = f32::NAN;
@@ -440,7 +441,8 @@ pub fn bench_train_steps(
         for l in grad.k.iter().chain(&grad.v) {
             grad_flat.extend_from_slice(l);
         }
-        opt.step(&mut flat, &grad_flat, 1e-3);
+        // On the engine's device (the GPU engine's optimizer kernels), no clipping.
+        engine.apply_update(&mut flat, &mut grad_flat, &mut opt, 1e-3, 0.0)?;
         let mut at = 0;
         for l in prefix.k.iter_mut().chain(prefix.v.iter_mut()) {
             let len = l.len();

@@ -23,6 +23,7 @@ use crate::bench::{
     bench_cpu_attention, bench_gpu_attention, bench_train_steps, cpu_attention_grid,
     gpu_attention_grid, AttnBenchOpts, AttnRow,
 };
+use crate::cuda::device_optim::DeviceOptimEngine;
 use crate::cuda::engine::CudaEngine;
 use crate::cuda::GpuContext;
 use crate::engine::{open_engine_with, Device, Engine, EngineOptions};
@@ -443,8 +444,12 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 )
             })?;
             engine.set_recompute(a.recompute);
-            let t = bench_train_steps(&mut engine, &mut prefix, &batch, warmup, steps)
+            // With the optimizer kernels, as in `train --device cuda`.
+            let mut wrapped = DeviceOptimEngine::new(engine);
+            let t = bench_train_steps(&mut wrapped, &mut prefix, &batch, warmup, steps)
                 .with_context(|| format!("bench train {name}"))?;
+            let describe = wrapped.describe();
+            let mut engine = wrapped.engine;
             let profile = if a.profile_steps > 0 {
                 Some(
                     profile_steps(&mut engine, &prefix, &batch, a.profile_steps)
@@ -460,7 +465,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 engine.loss_scale(),
                 engine.overflow_retries(),
             );
-            (t, Some(mem), engine.describe(), profile)
+            (t, Some(mem), describe, profile)
         };
         let tokens = (batch_size * seq) as f64;
         if a.json {

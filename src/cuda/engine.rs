@@ -1522,8 +1522,8 @@ impl<B: Backend> ModelEngine<B> {
         if let Some(s) = (0..b).find(|&s| past[s] + t > cap) {
             bail!(
                 "decode: sequence {s} needs {} KV-cache entries but the cache was allocated for \
-                 {cap} (the longest prefix and prompt plus a headroom of {} tokens); generate \
-                 fewer tokens or raise the headroom",
+                 {cap} (the longest prefix and prompt plus room for {} generated tokens); ask \
+                 for fewer new tokens (--max-new-tokens) or use --device cpu",
                 past[s] + t,
                 self.decode_headroom
             );

@@ -8,9 +8,9 @@
 //! - [`reference`]: the math in plain Rust (attention, layers, model forward/backward, decoding):
 //!   the specification and the test oracle, and a CPU fallback;
 //! - [`cuda`]: the GPU side (kernels compiled by build.rs and embedded, launched through cudarc;
-//!   cuBLAS; the GPU engine, written over a backend that [`emu_backend`] also implements);
-//! - [`emu`], [`emu_ops`], [`emu_backend`]: the same CUDA kernels executed on the CPU by the host
-//!   emulation (kernels/host/), so tests can run them without a GPU;
+//!   cuBLAS; the GPU engine, written over a backend that [`emu::backend`] also implements);
+//! - [`emu`]: the same CUDA kernels executed on the CPU by the host emulation (kernels/host/), so
+//!   tests can run them, and the GPU engine, without a GPU;
 //! - [`prefix`]: prefix parameters (bank, PEFT layout, reparameterization, initialization, files);
 //!   [`optim`]: AdamW/SGD, schedules and clipping on fp32 master weights;
 //! - [`model`]: configs, weights and tokenizers from HF directories and GGUF files; [`assets`]:
@@ -22,10 +22,6 @@ pub mod cli;
 pub mod cuda;
 pub mod data;
 pub mod emu;
-pub mod emu_backend;
-pub mod emu_decode;
-pub mod emu_ops;
-pub mod emu_optim;
 pub mod engine;
 pub mod generate;
 pub mod model;

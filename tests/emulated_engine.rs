@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use common::emulation_or_skip;
-use prefix_tune::emu_backend::EmuEngine;
+use prefix_tune::emu::backend::EmuEngine;
 use prefix_tune::engine::{CpuEngine, Engine};
 use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
 use prefix_tune::prefix::PrefixBank;

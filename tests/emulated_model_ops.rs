@@ -15,7 +15,7 @@ use half::f16;
 use prefix_tune::cuda::model_ops::{
     act_params, ce_params, embedding_params, heads_params, norm_params, rows_params, NormKind,
 };
-use prefix_tune::emu_ops::{self, HostRope};
+use prefix_tune::emu::ops::{self as emu_ops, HostRope};
 use prefix_tune::reference::layers::{self, Rope};
 use prefix_tune::reference::real::rel_err;
 use rand::rngs::StdRng;

@@ -6,7 +6,7 @@ mod common;
 
 use half::f16;
 use prefix_tune::cuda::ops::adamw_params;
-use prefix_tune::emu_optim::{adamw_step, sgd_params, sgd_step, sum_squares};
+use prefix_tune::emu::optim::{adamw_step, sgd_params, sgd_step, sum_squares};
 use prefix_tune::optim::{clip_grad_norm, AdamW, AdamWConfig, Sgd, SgdConfig};
 use prefix_tune::reference::real::rel_err;
 use rand::rngs::StdRng;
@@ -173,7 +173,7 @@ fn sum_of_squares_accumulates_and_is_reproducible() {
 #[test]
 fn emulated_engine_updates_equal_the_cpu_optimizer() {
     use prefix_tune::cuda::device_optim::DeviceOptimEngine;
-    use prefix_tune::emu_backend::EmuEngine;
+    use prefix_tune::emu::backend::EmuEngine;
     use prefix_tune::engine::{cpu_update, Engine};
     use prefix_tune::model::config::Arch;
     use prefix_tune::optim::Optimizer;

@@ -4,7 +4,7 @@
 //!
 //! - [`GpuBackend`] (here): cudarc buffers on the context's stream, cuBLAS, the kernels'
 //!   launch wrappers ([`super::model_ops`], [`super::attention`]);
-//! - `crate::emu_backend::EmuBackend`: host vectors, the kernels' host emulation and a host GEMM,
+//! - `crate::emu::backend::EmuBackend`: host vectors, the kernels' host emulation and a host GEMM,
 //!   so the whole engine runs (slowly) in CI without a GPU and is checked against the reference.
 //!
 //! Buffers may be longer than a call needs (workspaces are sized for the largest batch); every

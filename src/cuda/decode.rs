@@ -1,6 +1,6 @@
 //! The KV-cache decode attention (`kernels/decode_attention.cu`, ABI `kernels/abi/decode.h`):
 //! the parameter builder and checks shared by the GPU launch (here) and the host emulation
-//! (`crate::emu_decode`).
+//! (`crate::emu::decode`).
 //!
 //! Layouts: queries and the new keys/values `[B, H, T, D]` (T new-token slots per sequence),
 //! the cache `[B, Hkv, capacity, D]` whose first `past[b]` entries of sequence `b` are its prefix

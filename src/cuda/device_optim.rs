@@ -2,7 +2,7 @@
 //! `kernels/optim.cu` on fp32 master weights that stay resident between steps.
 //!
 //! [`OptimOps`] is what a backend needs (the GPU through [`crate::cuda::ops`], the host
-//! emulation through [`crate::emu_optim`]); [`DeviceOptimizer`] holds the device copies of the
+//! emulation through [`crate::emu::optim`]); [`DeviceOptimizer`] holds the device copies of the
 //! flat trainable parameters, their gradient and the optimizer state, and does one update the
 //! way [`crate::engine::cpu_update`] does on the host: the global gradient norm (two-stage
 //! reduction), `clip_grad_norm_`'s factor folded into the kernel's `grad_scale`, then the
@@ -20,7 +20,7 @@ use anyhow::{bail, Result};
 
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::cuda::engine::ModelEngine;
-use crate::emu_backend::EmuBackend;
+use crate::emu::backend::EmuBackend;
 use crate::engine::{DecodeCache, Engine};
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, Optimizer, SgdConfig};
@@ -131,7 +131,7 @@ impl OptimOps for EmuBackend {
         v: &mut Vec<f32>,
     ) -> Result<()> {
         let p = crate::cuda::ops::adamw_params(config, step, lr, grad_scale, n)?;
-        crate::emu_optim::adamw_step(&p, param, grad, m, v, None)
+        crate::emu::optim::adamw_step(&p, param, grad, m, v, None)
     }
 
     fn sgd_step(
@@ -145,16 +145,16 @@ impl OptimOps for EmuBackend {
         grad: &Vec<f32>,
         momentum_buf: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        let p = crate::emu_optim::sgd_params(config, step, lr, grad_scale, n)?;
+        let p = crate::emu::optim::sgd_params(config, step, lr, grad_scale, n)?;
         let buf = momentum_buf.filter(|_| config.momentum != 0.0);
-        crate::emu_optim::sgd_step(&p, param, grad, buf.map(|b| &mut b[..]), None)
+        crate::emu::optim::sgd_step(&p, param, grad, buf.map(|b| &mut b[..]), None)
     }
 
     fn sum_squares(&self, n: usize, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         if x.len() < n || out.is_empty() {
             bail!("emulated sum of squares: buffers too small");
         }
-        crate::emu_optim::sum_squares(&x[..n], &mut out[0], false)
+        crate::emu::optim::sum_squares(&x[..n], &mut out[0], false)
     }
 }
 

@@ -2,7 +2,7 @@
 //! interface as the CPU reference.
 //!
 //! The engine code is written once over a [`Backend`] (buffers, GEMMs, one method per kernel):
-//! [`CudaEngine`] runs it on the GPU ([`GpuBackend`]), `crate::emu_backend::EmuEngine` on the
+//! [`CudaEngine`] runs it on the GPU ([`GpuBackend`]), `crate::emu::backend::EmuEngine` on the
 //! host emulation of the same kernel sources, which is how CI checks this file against the
 //! reference without a GPU (`tests/emulated_engine.rs`); `tests/gpu_engine.rs` does the same on
 //! a real GPU.
@@ -476,7 +476,7 @@ impl CallShape {
 // ---------------------------------------------------------------------------------------------
 
 /// The frozen model on a device `B` (see the module documentation): [`CudaEngine`] on a GPU,
-/// `crate::emu_backend::EmuEngine` on the host emulation of the kernels.
+/// `crate::emu::backend::EmuEngine` on the host emulation of the kernels.
 pub struct ModelEngine<B: Backend> {
     be: B,
     model: DevModel<B>,

@@ -7,11 +7,11 @@ pub mod attention;
 pub mod backend;
 pub mod context;
 pub mod decode;
+pub mod device_optim;
 pub mod engine;
 pub mod gemm;
 pub mod model_ops;
 pub mod modules;
-pub mod device_optim;
 pub mod ops;
 
 pub use context::{gpu_available, kernels_built, GpuContext};

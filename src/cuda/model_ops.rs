@@ -4,7 +4,7 @@
 //! and the chunked LM head's gather/scatter and cross-entropy.
 //!
 //! The `*_params` functions validate sizes and fill the ABI structs; they are shared with the
-//! host emulation (`crate::emu_ops`), which runs the same kernel sources on the CPU. The launch
+//! host emulation (`crate::emu::ops`), which runs the same kernel sources on the CPU. The launch
 //! functions check every buffer against the parameters (a buffer may be longer than needed, for
 //! workspaces sized for the largest chunk) and run asynchronously on the context's stream.
 

@@ -37,7 +37,7 @@ mod ffi {
     }
 }
 
-/// Stubs, never called: [`run`] checks [`crate::emu_ops::available`] first.
+/// Stubs, never called: [`run`] checks [`crate::emu::ops::available`] first.
 #[cfg(not(prefix_tune_emulation))]
 #[allow(unused_variables)]
 mod ffi {
@@ -67,7 +67,7 @@ mod ffi {
 }
 
 fn run(what: &str, f: impl FnOnce() -> i32) -> Result<()> {
-    if !crate::emu_ops::available() {
+    if !crate::emu::ops::available() {
         bail!(
             "{what}: this build has no host emulation of the kernels (CUDA headers not found at \
              build time)"

@@ -1,6 +1,6 @@
 //! The model engine on the host emulation of the kernels: [`EmuBackend`] implements the
 //! engine's [`Backend`] with host vectors as "device" buffers, the real kernel sources run
-//! through the emulation ([`crate::emu_ops`], [`crate::emu`]) and a host GEMM that behaves like
+//! through the emulation ([`crate::emu::ops`], [`crate::emu`]) and a host GEMM that behaves like
 //! cuBLAS's fp16 GEMM (fp16 in, fp32 accumulation, fp16 out). [`EmuEngine`] is the same engine
 //! code as the GPU's `CudaEngine`, so tests check the whole engine (buffer wiring, fused weights,
 //! residual/bias folding, the chunked head, the backward, loss scaling) against the CPU reference
@@ -20,8 +20,8 @@ use crate::cuda::backend::{AttnBufs, AttnGradBufs, Backend, Elem, NormBufs, Rope
 use crate::cuda::decode::{DecodeBufs, DecodeShape};
 use crate::cuda::engine::ModelEngine;
 use crate::cuda::model_ops::check_len;
+use crate::emu::ops::{self as emu_ops, HostRope};
 use crate::emu::{self, HalfInputs};
-use crate::emu_ops::{self, HostRope};
 use crate::model::config::ModelWeights;
 use crate::reference::attention::AttnShape;
 use crate::reference::real::{matmul, Trans};
@@ -419,7 +419,7 @@ impl Backend for EmuBackend {
             cache_k: &bufs.cache_k[..],
             cache_v: &bufs.cache_v[..],
         };
-        crate::emu_decode::forward_into(s, scale, &host, &past[..s.batch], &n_new[..s.batch], o)
+        crate::emu::decode::forward_into(s, scale, &host, &past[..s.batch], &n_new[..s.batch], o)
     }
 
     fn attn_grads(scratch: &EmuAttnScratch) -> AttnGradBufs<'_, Self> {

@@ -60,7 +60,7 @@ pub fn forward_into(
     n_new: &[i32],
     o: &mut [f16],
 ) -> Result<()> {
-    if !crate::emu_ops::available() {
+    if !crate::emu::ops::available() {
         bail!("this build has no host emulation of the kernels (CUDA headers not found)");
     }
     let p = decode_params(s, scale)?;

@@ -1,11 +1,20 @@
-//! Safe wrappers over the host emulation of the fused prefix-attention kernels: the real
-//! `kernels/prefix_attention.cu` compiled for the CPU by `build/emulation.rs` (every thread of a
-//! block an OS thread, warp operations emulated with the PTX fragment layouts). Tests use it to
-//! check the kernels against the CPU reference without a GPU.
+//! The CUDA kernels executed on the CPU: the real `kernels/*.cu` sources compiled for the host by
+//! `build/emulation.rs` with the shim in `kernels/host/` (every thread of a block an OS thread,
+//! warp operations emulated with the PTX fragment layouts). Tests use it to check the kernels, and
+//! the whole GPU engine (through [`backend`]), against the CPU reference without a GPU.
+//!
+//! This file wraps the fused prefix-attention kernels; [`ops`] the model ops (embedding, norms,
+//! RoPE, activations, cross-entropy), [`decode`] the KV-cache decode attention, [`optim`] the
+//! optimizer kernels, and [`backend`] implements the GPU engine's backend with all of them.
 //!
 //! Inputs and outputs are fp16 (`half::f16`) in the layouts of
 //! [`crate::reference::attention`]; LSE comes back in natural log. Every output is filled with
 //! NaN before the launch, so an element the kernels forgot to write shows up as NaN.
+
+pub mod backend;
+pub mod decode;
+pub mod ops;
+pub mod optim;
 
 use anyhow::{bail, Result};
 use half::f16;

@@ -506,7 +506,7 @@ impl CudaEngine {
         let be = GpuBackend::new()?;
         let mut e =
             ModelEngine::with_backend(be, weights).context("uploading the model to the GPU")?;
-        // Until the CLI grows a flag: PREFIX_TUNE_RECOMPUTE=1 turns recomputation on.
+        // `--recompute` (EngineOptions) sets this too; PREFIX_TUNE_RECOMPUTE=1 turns it on from the environment.
         if std::env::var("PREFIX_TUNE_RECOMPUTE").is_ok_and(|v| v == "1") {
             e.set_recompute(true);
         }

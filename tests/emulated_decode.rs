@@ -147,49 +147,6 @@ fn round16(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
 }
 
-/// The weights as the engine holds them: every value rounded to fp16.
-fn fp16_rounded(mut w: ModelWeights<f32>) -> ModelWeights<f32> {
-    round16(&mut w.tok_emb);
-    round16(&mut w.final_norm_w);
-    for v in [&mut w.pos_emb, &mut w.final_norm_b, &mut w.lm_head]
-        .into_iter()
-        .flatten()
-    {
-        round16(v);
-    }
-    for l in &mut w.layers {
-        for v in [
-            &mut l.attn_norm_w,
-            &mut l.wq,
-            &mut l.wk,
-            &mut l.wv,
-            &mut l.wo,
-            &mut l.mlp_norm_w,
-            &mut l.w_in,
-            &mut l.w_out,
-        ] {
-            round16(v);
-        }
-        for v in [
-            &mut l.attn_norm_b,
-            &mut l.bq,
-            &mut l.bk,
-            &mut l.bv,
-            &mut l.bo,
-            &mut l.mlp_norm_b,
-            &mut l.b_in,
-            &mut l.w_up,
-            &mut l.b_out,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            round16(v);
-        }
-    }
-    w
-}
-
 /// Small models of both families with head dim 64; Llama with GQA and q_dim != d_model.
 fn config(arch: Arch) -> ModelConfig {
     let mut cfg = tiny_config(arch, arch == Arch::Gpt2);
@@ -214,7 +171,11 @@ fn config(arch: Arch) -> ModelConfig {
 
 fn setup(arch: Arch, seed: u64) -> (Arc<ModelWeights<f32>>, PrefixBank<f32>) {
     let cfg = config(arch);
-    let weights = Arc::new(fp16_rounded(random_model(&cfg, 0.08, seed).cast::<f32>()));
+    let weights = Arc::new(
+        random_model(&cfg, 0.08, seed)
+            .cast::<f32>()
+            .rounded_to_f16(),
+    );
     let mut bank = random_bank(&cfg, 2, 4, 0.5, seed + 1).cast::<f32>();
     for v in bank.k.iter_mut().chain(bank.v.iter_mut()) {
         round16(v);

@@ -46,49 +46,6 @@ fn gpu_engine_or_skip(test: &str, weights: Arc<ModelWeights<f32>>) -> Option<Cud
     )
 }
 
-/// The weights as the GPU holds them: every value rounded to fp16.
-fn fp16_rounded(w: &ModelWeights<f32>) -> ModelWeights<f32> {
-    let r =
-        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
-    let mut out = w.clone();
-    out.tok_emb = r(&w.tok_emb);
-    out.pos_emb = w.pos_emb.as_deref().map(r);
-    out.final_norm_w = r(&w.final_norm_w);
-    out.final_norm_b = w.final_norm_b.as_deref().map(r);
-    out.lm_head = w.lm_head.as_deref().map(r);
-    for o in out.layers.iter_mut() {
-        for v in [
-            &mut o.attn_norm_w,
-            &mut o.wq,
-            &mut o.wk,
-            &mut o.wv,
-            &mut o.wo,
-            &mut o.mlp_norm_w,
-            &mut o.w_in,
-            &mut o.w_out,
-        ] {
-            *v = r(v);
-        }
-        for v in [
-            &mut o.attn_norm_b,
-            &mut o.bq,
-            &mut o.bk,
-            &mut o.bv,
-            &mut o.bo,
-            &mut o.mlp_norm_b,
-            &mut o.b_in,
-            &mut o.w_up,
-            &mut o.b_out,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            *v = r(v);
-        }
-    }
-    out
-}
-
 fn bank_fp16(b: &PrefixBank<f32>) -> PrefixBank<f32> {
     let mut out = b.clone();
     for v in out.k.iter_mut().chain(out.v.iter_mut()) {
@@ -205,7 +162,9 @@ fn shaped_config(arch: Arch) -> ModelConfig {
 
 fn shaped_setup(arch: Arch, seed: u64) -> (Arc<ModelWeights<f32>>, PrefixBank<f32>) {
     let cfg = shaped_config(arch);
-    let w = fp16_rounded(&random_model(&cfg, 0.08, seed).cast::<f32>());
+    let w = random_model(&cfg, 0.08, seed)
+        .cast::<f32>()
+        .rounded_to_f16();
     let bank = bank_fp16(&random_bank(&cfg, 2, 7, 0.5, seed + 1).cast::<f32>());
     (Arc::new(w), bank)
 }
@@ -380,7 +339,7 @@ fn smollm2_loss_and_grad() {
         )
     };
     println!("{test}: {source}");
-    let w = Arc::new(fp16_rounded(&w));
+    let w = Arc::new(w.rounded_to_f16());
     let Some(mut gpu) = gpu_engine_or_skip(test, w.clone()) else {
         return;
     };

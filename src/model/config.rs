@@ -147,6 +147,48 @@ impl<T: Real> ModelWeights<T> {
         }
     }
 
+    /// Applies `f` to every weight tensor (each optional one that is present).
+    pub fn for_each_tensor_mut(&mut self, mut f: impl FnMut(&mut [T])) {
+        f(&mut self.tok_emb);
+        f(&mut self.final_norm_w);
+        for v in [&mut self.pos_emb, &mut self.final_norm_b, &mut self.lm_head]
+            .into_iter()
+            .flatten()
+        {
+            f(v);
+        }
+        for l in &mut self.layers {
+            for v in [
+                &mut l.attn_norm_w,
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.mlp_norm_w,
+                &mut l.w_in,
+                &mut l.w_out,
+            ] {
+                f(v);
+            }
+            for v in [
+                &mut l.attn_norm_b,
+                &mut l.bq,
+                &mut l.bk,
+                &mut l.bv,
+                &mut l.bo,
+                &mut l.mlp_norm_b,
+                &mut l.b_in,
+                &mut l.w_up,
+                &mut l.b_out,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                f(v);
+            }
+        }
+    }
+
     /// The LM head matrix `[vocab, d]` (the embedding when tied).
     pub fn head(&self) -> &[T] {
         self.lm_head.as_deref().unwrap_or(&self.tok_emb)
@@ -184,5 +226,16 @@ impl<T: Real> ModelWeights<T> {
             + self.final_norm_w.len()
             + opt(&self.final_norm_b)
             + opt(&self.lm_head)
+    }
+}
+
+impl ModelWeights<f32> {
+    /// The same weights with every value rounded to fp16: what the GPU engine computes with.
+    pub fn rounded_to_f16(mut self) -> Self {
+        self.for_each_tensor_mut(|v| {
+            v.iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32())
+        });
+        self
     }
 }

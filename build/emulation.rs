@@ -37,6 +37,8 @@ pub fn compile_host_emulation(cuda_include: Option<&Path>) {
         .file(kernels.join("host").join("emulation_decode.cpp"))
         // The optimizer steps and the sum-of-squares reduction.
         .file(kernels.join("host").join("emulation_optim.cpp"))
+        // The reparameterization MLP's fp32 matmul and column sums.
+        .file(kernels.join("host").join("emulation_reparam.cpp"))
         .include(&kernels)
         .include(kernels.join("host"))
         .include(&include)

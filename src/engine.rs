@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 
 use crate::model::config::{ModelConfig, ModelWeights};
 use crate::optim::{clip_grad_norm, Optimizer};
-use crate::prefix::PrefixBank;
+use crate::prefix::{PrefixBank, Reparam, ReparamCache, ReparamGrads};
 use crate::reference::decode::{decode_step, KvCache};
 use crate::reference::model::{self, Batch, LossOutput, RunOptions};
 
@@ -88,6 +88,24 @@ pub trait Engine {
         max_grad_norm: f64,
     ) -> Result<f64> {
         Ok(cpu_update(params, grads, optimizer, lr, max_grad_norm))
+    }
+
+    /// Li & Liang's reparameterization MLP forward: the PEFT tensor `[P, 2·L·kv_dim]` and the
+    /// cache for [`Engine::reparam_backward`]. The default is [`Reparam::forward`] on the host;
+    /// the GPU engine runs the fp32 kernels of `kernels/reparam.cu`.
+    fn reparam_forward(&mut self, r: &Reparam<f32>) -> Result<(Vec<f32>, ReparamCache<f32>)> {
+        Ok(r.forward())
+    }
+
+    /// The gradients of every reparameterization parameter from `d_peft` = dLoss/d(output).
+    /// The default is [`Reparam::backward`] on the host.
+    fn reparam_backward(
+        &mut self,
+        r: &Reparam<f32>,
+        cache: &ReparamCache<f32>,
+        d_peft: &[f32],
+    ) -> Result<ReparamGrads<f32>> {
+        Ok(r.backward(cache, d_peft))
     }
 }
 

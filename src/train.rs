@@ -31,7 +31,7 @@ use crate::checkpoint::{save_checkpoint, CheckpointParts};
 use crate::data::{make_batch, Encoded};
 use crate::engine::Engine;
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule, Sgd, SgdConfig};
-use crate::prefix::peft::to_peft;
+use crate::prefix::peft::{from_peft, to_peft};
 use crate::prefix::{save_prefix, PrefixBank, PrefixMeta, Reparam};
 use crate::reference::model::RunOptions;
 
@@ -172,6 +172,16 @@ impl Trainable {
         match self {
             Trainable::Bank(b) => b.clone(),
             Trainable::Reparam(r) => r.fold(),
+        }
+    }
+    /// [`Trainable::prefix`] with the reparameterization run on `engine`'s device.
+    pub fn prefix_on(&self, engine: &mut dyn Engine) -> Result<PrefixBank<f32>> {
+        match self {
+            Trainable::Bank(b) => Ok(b.clone()),
+            Trainable::Reparam(r) => {
+                let (peft, _) = engine.reparam_forward(r)?;
+                Ok(from_peft(&peft, r.n_layers, r.kv_heads, r.head_dim))
+            }
         }
     }
 }
@@ -446,7 +456,7 @@ pub fn train(
     };
 
     let mut order = epoch_order(st.rng_seed, st.epoch, train.len());
-    let mut prefix = trainable.prefix();
+    let mut prefix = trainable.prefix_on(engine)?;
     let per_step = config.batch_size * config.grad_accum;
     let mut steps_this_run = 0u64;
 
@@ -516,7 +526,7 @@ pub fn train(
             let (out, grad) = engine.loss_and_grad(&prefix, &batch, &setup.run)?;
             loss_sum += out.loss_sum.iter().map(|&x| x as f64).sum::<f64>();
             n_targets += n;
-            micro.push((grad_to_params(&trainable, &grad), n));
+            micro.push((grad_to_params(engine, &trainable, &grad)?, n));
         }
         st.tokens_seen += step_tokens;
         if n_targets == 0 {
@@ -576,7 +586,7 @@ pub fn train(
             );
         }
         trainable.copy_from_flat(&params);
-        prefix = trainable.prefix();
+        prefix = trainable.prefix_on(engine)?;
         st.step += 1;
         steps_this_run += 1;
         st.elapsed = elapsed(elapsed0);
@@ -696,14 +706,19 @@ fn best_args(args: &str, step: u64, eval: f64) -> String {
     v.to_string()
 }
 
-/// The gradient with respect to the trainable parameters, flat.
-fn grad_to_params(t: &Trainable, grad_bank: &PrefixBank<f32>) -> Vec<f32> {
+/// The gradient with respect to the trainable parameters, flat (the reparameterization's
+/// backward on `engine`'s device).
+fn grad_to_params(
+    engine: &mut dyn Engine,
+    t: &Trainable,
+    grad_bank: &PrefixBank<f32>,
+) -> Result<Vec<f32>> {
     match t {
-        Trainable::Bank(_) => grad_bank.to_flat(),
+        Trainable::Bank(_) => Ok(grad_bank.to_flat()),
         Trainable::Reparam(r) => {
-            let (_, cache) = r.forward();
+            let (_, cache) = engine.reparam_forward(r)?;
             let d_peft = to_peft(grad_bank, 0);
-            r.backward(&cache, &d_peft).to_flat()
+            Ok(engine.reparam_backward(r, &cache, &d_peft)?.to_flat())
         }
     }
 }

@@ -20,11 +20,12 @@ use anyhow::{bail, Result};
 
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::cuda::engine::ModelEngine;
+use crate::cuda::reparam::ReparamOps;
 use crate::emu::backend::EmuBackend;
 use crate::engine::{DecodeCache, Engine};
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, Optimizer, SgdConfig};
-use crate::prefix::PrefixBank;
+use crate::prefix::{PrefixBank, Reparam, ReparamCache, ReparamGrads};
 use crate::reference::model::{Batch, LossOutput, RunOptions};
 
 /// Optimizer kernels of a backend. `n` elements of each buffer take part (buffers may be longer).
@@ -330,7 +331,7 @@ impl<B: OptimOps> DeviceOptimEngine<B> {
     }
 }
 
-impl<B: OptimOps> Engine for DeviceOptimEngine<B>
+impl<B: OptimOps + ReparamOps> Engine for DeviceOptimEngine<B>
 where
     ModelEngine<B>: Engine,
 {
@@ -391,5 +392,18 @@ where
         }
         let optim = self.optim.as_mut().expect("allocated above");
         optim.step(be, params, grads, optimizer, lr, max_grad_norm)
+    }
+
+    fn reparam_forward(&mut self, r: &Reparam<f32>) -> Result<(Vec<f32>, ReparamCache<f32>)> {
+        crate::cuda::reparam::forward(self.engine.backend_mut(), r)
+    }
+
+    fn reparam_backward(
+        &mut self,
+        r: &Reparam<f32>,
+        cache: &ReparamCache<f32>,
+        d_peft: &[f32],
+    ) -> Result<ReparamGrads<f32>> {
+        crate::cuda::reparam::backward(self.engine.backend_mut(), r, cache, d_peft)
     }
 }

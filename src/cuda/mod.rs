@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod model_ops;
 pub mod modules;
 pub mod ops;
+pub mod reparam;
 
 pub use context::{gpu_available, kernels_built, GpuContext};
 pub use modules::{KernelModule, MODULES};

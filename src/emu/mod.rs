@@ -15,6 +15,7 @@ pub mod backend;
 pub mod decode;
 pub mod ops;
 pub mod optim;
+pub mod reparam;
 
 use anyhow::{bail, Result};
 use half::f16;

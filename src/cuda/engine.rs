@@ -724,26 +724,9 @@ impl<B: Backend> ModelEngine<B> {
             }
         }
 
-        let kind = match cfg.arch {
-            Arch::Gpt2 => NormKind::Layer,
-            Arch::Llama => NormKind::Rms,
-        };
+        let kind = norm_kind(&cfg);
         let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
-        let emb_p = ops::embedding_params(
-            b,
-            t,
-            d,
-            cfg.vocab_size,
-            model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
-        )?;
-        be.embedding(
-            &emb_p,
-            &ws.tokens,
-            &ws.pos_offset,
-            &model.tok_emb,
-            model.pos_emb.as_ref(),
-            &mut ws.x,
-        )?;
+        embed(be, &cfg, model, b, t, ws)?;
 
         // The branch output still to be added to the residual, with its bias.
         let mut pending: Option<Option<&B::Buf<f16>>> = None;
@@ -878,10 +861,7 @@ impl<B: Backend> ModelEngine<B> {
         let (d, hd) = (cfg.d_model, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
         let qkv_w = q_dim + 2 * kv_dim;
-        let kind = match cfg.arch {
-            Arch::Gpt2 => NormKind::Layer,
-            Arch::Llama => NormKind::Rms,
-        };
+        let kind = norm_kind(&cfg);
         let use_rope = cfg.arch == Arch::Llama;
         let n_pos = rope.as_ref().map_or(0, |r| r.n_positions);
         let s_attn = AttnShape {
@@ -1049,6 +1029,41 @@ impl<B: Backend> ModelEngine<B> {
 }
 
 /// The softmax scale of the attention: 1/sqrt(head_dim).
+/// The model's norm: LayerNorm for GPT-2, RMSNorm for Llama.
+fn norm_kind(cfg: &ModelConfig) -> NormKind {
+    match cfg.arch {
+        Arch::Gpt2 => NormKind::Layer,
+        Arch::Llama => NormKind::Rms,
+    }
+}
+
+/// Embeds the `[b, t]` tokens of `ws.tokens` (positions from `ws.pos_offset`) into the residual
+/// stream `ws.x`.
+fn embed<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    model: &DevModel<B>,
+    b: usize,
+    t: usize,
+    ws: &mut Workspace<B>,
+) -> Result<()> {
+    let p = ops::embedding_params(
+        b,
+        t,
+        cfg.d_model,
+        cfg.vocab_size,
+        model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
+    )?;
+    be.embedding(
+        &p,
+        &ws.tokens,
+        &ws.pos_offset,
+        &model.tok_emb,
+        model.pos_emb.as_ref(),
+        &mut ws.x,
+    )
+}
+
 fn attn_scale(cfg: &ModelConfig) -> f32 {
     (1.0 / (cfg.head_dim as f64).sqrt()) as f32
 }
@@ -1222,10 +1237,7 @@ fn layer_forward<B: Backend>(
     let (d, hd) = (cfg.d_model, cfg.head_dim);
     let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = q_dim + 2 * kv_dim;
-    let kind = match cfg.arch {
-        Arch::Gpt2 => NormKind::Layer,
-        Arch::Llama => NormKind::Rms,
-    };
+    let kind = norm_kind(cfg);
     let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
     let use_rope = cfg.arch == Arch::Llama;
     let n_pos = rope.map_or(0, |r| r.n_positions);
@@ -1578,26 +1590,9 @@ impl<B: Backend> ModelEngine<B> {
         };
         crate::cuda::decode::check_lengths(&dshape, &past_i, &new_i)?;
 
-        let kind = match cfg.arch {
-            Arch::Gpt2 => NormKind::Layer,
-            Arch::Llama => NormKind::Rms,
-        };
+        let kind = norm_kind(&cfg);
         let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
-        let emb_p = ops::embedding_params(
-            b,
-            t,
-            d,
-            cfg.vocab_size,
-            model.pos_emb.as_ref().map_or(0, |_| cfg.max_positions),
-        )?;
-        be.embedding(
-            &emb_p,
-            &ws.tokens,
-            &ws.pos_offset,
-            &model.tok_emb,
-            model.pos_emb.as_ref(),
-            &mut ws.x,
-        )?;
+        embed(be, &cfg, model, b, t, ws)?;
         let mut pending: Option<Option<&B::Buf<f16>>> = None;
         for (l, lw) in model.layers.iter().enumerate() {
             let (ck, cv) = (&mut cache.k[l], &mut cache.v[l]);
@@ -1657,10 +1652,7 @@ fn decode_layer_forward<B: Backend>(
     let (d, hd) = (cfg.d_model, cfg.head_dim);
     let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = q_dim + 2 * kv_dim;
-    let kind = match cfg.arch {
-        Arch::Gpt2 => NormKind::Layer,
-        Arch::Llama => NormKind::Rms,
-    };
+    let kind = norm_kind(cfg);
     let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
     let use_rope = cfg.arch == Arch::Llama;
     let n_pos = rope.map_or(0, |r| r.n_positions);

@@ -61,6 +61,7 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // Tile movement and warp GEMMs.
@@ -166,9 +167,11 @@ template <int BN>
 __device__ __forceinline__ KeyWalk make_walk(const PrefixAttnParams &p, int b, int hk, int m0,
                                              int BM, int vl) {
     KeyWalk w;
-    const int D = p.head_dim, T = p.seq, P = p.prefix;
-    const int pi = P > 0 ? p.prefix_index[b] : 0;
-    const size_t pre_off = ((size_t)pi * p.kv_heads + hk) * (size_t)P * D;
+    const int D = p.head_dim, T = p.seq;
+    // A negative prefix index: this sequence sees no prefix (the walk has no prefix tiles).
+    const int pi = p.prefix > 0 ? p.prefix_index[b] : 0;
+    const int P = pi < 0 ? 0 : p.prefix;
+    const size_t pre_off = ((size_t)imax(pi, 0) * p.kv_heads + hk) * (size_t)P * D;
     const size_t seq_off = ((size_t)b * p.kv_heads + hk) * (size_t)T * D;
     w.k_pre = p.prefix_k + pre_off;
     w.v_pre = p.prefix_v + pre_off;
@@ -371,9 +374,11 @@ __device__ __forceinline__ void bwd_dkdv_body(const PrefixAttnParams &p, unsigne
     const int n_keys = pre ? P : T;
 
     // Query blocks that see these keys: all valid rows for the prefix, rows >= n0 for the sequence.
+    // A sequence without a prefix (negative index) gives its prefix blocks zero partials.
+    const bool unseen = pre && p.prefix_index[b] < 0;
     const int q_lo = pre ? 0 : n0;
     const int mb_lo = q_lo / BM;
-    const int n_mb = q_lo < vl ? cdiv(vl, BM) - mb_lo : 0;
+    const int n_mb = q_lo < vl && !unseen ? cdiv(vl, BM) - mb_lo : 0;
     const int n_steps = group * n_mb;
 
     __half *sK = reinterpret_cast<__half *>(smem);

@@ -321,3 +321,107 @@ fn gqa_two_prefixes_padding_d128() {
     };
     run_case(&c, 5);
 }
+
+/// The sequences `seqs` of `p` as a problem of their own; without `prefix`, with P = 0.
+fn sub_problem(p: &Problem, seqs: &[usize], prefix: bool) -> Problem {
+    let s = &p.shape;
+    let (q_n, kv_n) = (
+        s.q_heads * s.seq * s.head_dim,
+        s.kv_heads * s.seq * s.head_dim,
+    );
+    let pick = |x: &[f16], n: usize| -> Vec<f16> {
+        seqs.iter()
+            .flat_map(|&b| x[b * n..(b + 1) * n].iter().copied())
+            .collect()
+    };
+    let shape = AttnShape {
+        batch: seqs.len(),
+        prefix: if prefix { s.prefix } else { 0 },
+        n_prefixes: if prefix { s.n_prefixes } else { 0 },
+        ..*s
+    };
+    let h = &p.half;
+    let half = HalfInputs {
+        q: pick(&h.q, q_n),
+        k: pick(&h.k, kv_n),
+        v: pick(&h.v, kv_n),
+        prefix_k: if prefix {
+            h.prefix_k.clone()
+        } else {
+            Vec::new()
+        },
+        prefix_v: if prefix {
+            h.prefix_v.clone()
+        } else {
+            Vec::new()
+        },
+        prefix_index: seqs
+            .iter()
+            .map(|&b| if prefix { h.prefix_index[b] } else { 0 })
+            .collect(),
+        valid_len: seqs.iter().map(|&b| h.valid_len[b]).collect(),
+        scale: h.scale,
+    };
+    Problem {
+        shape,
+        half,
+        d_o: pick(&p.d_o, q_n),
+    }
+}
+
+#[test]
+fn a_sequence_without_prefix_in_a_prefixed_batch() {
+    let test = "a_sequence_without_prefix_in_a_prefixed_batch";
+    if !emulation_or_skip(test) {
+        return;
+    }
+    // Sequence 1 sees no prefix (the KV-cache prefill of a request without one); the others use
+    // prefixes 1 and 0. Expected: sequence 1 as a P = 0 problem of its own, the others (and the
+    // prefix gradient, summed over them only) as a problem without sequence 1.
+    let none = prefix_tune::cuda::attention::NO_PREFIX;
+    let c = Case {
+        batch: 3,
+        q_heads: 4,
+        kv_heads: 2,
+        seq: 70,
+        prefix: 12,
+        head_dim: 64,
+        n_prefixes: 2,
+        prefix_index: vec![1, none, 0],
+        valid_len: vec![70, 41, 66],
+    };
+    let p = problem(&c, 11);
+    let with = sub_problem(&p, &[0, 2], true);
+    let without = sub_problem(&p, &[1], false);
+    let (o_w, lse_w, g_w) = reference(&with);
+    let (o_n, lse_n, g_n) = reference(&without);
+    let s = &p.shape;
+    let (q_n, kv_n, l_n) = (
+        s.q_heads * s.seq * s.head_dim,
+        s.kv_heads * s.seq * s.head_dim,
+        s.q_heads * s.seq,
+    );
+    // Sequence order 0, 1, 2 from the two sub-problems.
+    let merge =
+        |a: &[f64], b: &[f64], n: usize| -> Vec<f64> { [&a[..n], &b[..n], &a[n..2 * n]].concat() };
+    let (o, lse) = emu::forward(&p.shape, &p.half).expect("emulated forward");
+    let mut worst = compare("o", &widen(&o), &merge(&o_w, &o_n, q_n));
+    let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+    worst = worst.max(compare("lse", &lse64, &merge(&lse_w, &lse_n, l_n)));
+    for deterministic in [false, true] {
+        println!("  backward, deterministic = {deterministic}");
+        let g = emu::backward(&p.shape, &p.half, &o, &lse, &p.d_o, deterministic)
+            .expect("emulated backward");
+        let want = [
+            merge(&g_w.dq, &g_n.dq, q_n),
+            merge(&g_w.dk, &g_n.dk, kv_n),
+            merge(&g_w.dv, &g_n.dv, kv_n),
+            g_w.d_prefix_k.clone(),
+            g_w.d_prefix_v.clone(),
+        ];
+        for ((what, got), want) in grads_f64(&g).iter().zip(&want) {
+            worst = worst.max(compare(what, got, want));
+        }
+    }
+    println!("RESULT emulated_attention/{test}: 1 cases, worst relative error {worst:.2e}");
+}

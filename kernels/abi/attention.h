@@ -8,7 +8,8 @@
  *   prefix_k, prefix_v        [n_prefixes, Hkv, P, D] fp16 (the prefix bank)
  *   d_prefix_k, d_prefix_v    [n_prefixes, Hkv, P, D] fp16, summed over the sequences using each
  *                             prefix and over the query heads of each kv head
- *   prefix_index, valid_len   [B] int32
+ *   prefix_index, valid_len   [B] int32; prefix_index[b] < 0: sequence b sees no prefix (its
+ *                             rows attend over their own keys; it adds nothing to d_prefix_*)
  *   lse, delta                [B, Hq, T] fp32; lse is the NATURAL-log sum of exponentials of the
  *                             scaled scores of each row (0 on padding rows), delta = rowsum(dO*O)
  *   dq_accum                  [B, Hq, T, D] fp32 scratch (atomic mode only)

@@ -83,7 +83,13 @@ pub fn attn_params(s: &AttnShape, scale: f32, deterministic: bool) -> Result<pt_
     })
 }
 
-/// Checks the per-sequence prefix indices and valid lengths; returns them as the kernels' int32.
+/// A prefix index meaning "this sequence sees no prefix" (the kernels' negative index): its
+/// rows attend over their own keys only and it adds nothing to the prefix gradient. The
+/// KV-cache prefill uses it for requests without a prefix in a batch with prefixes.
+pub const NO_PREFIX: usize = usize::MAX;
+
+/// Checks the per-sequence prefix indices and valid lengths; returns them as the kernels' int32
+/// ([`NO_PREFIX`] becomes -1).
 pub fn index_arrays(
     s: &AttnShape,
     prefix_index: &[usize],
@@ -98,7 +104,7 @@ pub fn index_arrays(
         );
     }
     for (b, (&pi, &vl)) in prefix_index.iter().zip(valid_len).enumerate() {
-        if s.prefix > 0 && pi >= s.n_prefixes {
+        if s.prefix > 0 && pi != NO_PREFIX && pi >= s.n_prefixes {
             bail!(
                 "sequence {b}: prefix index {pi} out of range ({} prefixes)",
                 s.n_prefixes
@@ -113,7 +119,11 @@ pub fn index_arrays(
     }
     let pi = prefix_index
         .iter()
-        .map(|&p| if s.prefix > 0 { p as i32 } else { 0 })
+        .map(|&p| match p {
+            NO_PREFIX => -1,
+            _ if s.prefix > 0 => p as i32,
+            _ => 0,
+        })
         .collect();
     Ok((pi, valid_len.iter().map(|&v| v as i32).collect()))
 }

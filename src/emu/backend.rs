@@ -16,6 +16,7 @@ use crate::cuda::abi::{
     pt_act_params, pt_ce_params, pt_embedding_params, pt_heads_params, pt_norm_params,
     pt_rows_params,
 };
+use crate::cuda::attention::NO_PREFIX;
 use crate::cuda::backend::{AttnBufs, AttnGradBufs, Backend, Elem, NormBufs, RopeBufs};
 use crate::cuda::decode::{DecodeBufs, DecodeShape};
 use crate::cuda::engine::ModelEngine;
@@ -82,7 +83,7 @@ fn half_inputs(s: &AttnShape, scale: f32, inp: &AttnBufs<'_, EmuBackend>) -> Res
         prefix_v: inp.prefix_v[..s.bank_len()].to_vec(),
         prefix_index: inp.prefix_index[..s.batch]
             .iter()
-            .map(|&x| x as usize)
+            .map(|&x| usize::try_from(x).unwrap_or(NO_PREFIX))
             .collect(),
         valid_len: inp.valid_len[..s.batch]
             .iter()

@@ -411,12 +411,16 @@ pub struct TrainTiming {
     pub forward_s: f64,
     /// Mean loss of the last timed step.
     pub last_loss: f32,
+    /// Steps (warm-up and timed) skipped because the fp16 gradient overflowed
+    /// ([`crate::engine::GradOverflow`]: no update in them, the engine lowered its loss scale).
+    pub overflow_skips: u64,
 }
 
 /// Times `steps` training steps after `warmup` untimed ones on `engine`: each step is
 /// `loss_and_grad` of `batch` and an AdamW update (lr 1e-3) of `prefix` through
 /// [`Engine::apply_update`] (on the engine's device: the host for the CPU engine); then the
-/// loss alone, `steps` times. Step times are medians.
+/// loss alone, `steps` times. Step times are medians. A step whose fp16 gradient overflowed is
+/// skipped as training skips it (no update; counted, and timed like any other step).
 pub fn bench_train_steps(
     engine: &mut dyn Engine,
     prefix: &mut PrefixBank<f32>,
@@ -430,9 +434,18 @@ pub fn bench_train_steps(
     let mut flat = Vec::with_capacity(n);
     let mut grad_flat = Vec::with_capacity(n);
     let mut last_loss = f32::NAN;
+    let mut overflow_skips = 0u64;
     let mut step = |engine: &mut dyn Engine, prefix: &mut PrefixBank<f32>| -> Result<Duration> {
         let t0 = Instant::now();
-        let (loss, grad) = engine.loss_and_grad(prefix, batch, &opts)?;
+        let (loss, grad) = match engine.loss_and_grad(prefix, batch, &opts) {
+            Ok(r) => r,
+            Err(e) => {
+                let o = e.downcast::<crate::engine::GradOverflow>()?;
+                overflow_skips += 1;
+                last_loss = o.loss.mean_loss;
+                return Ok(t0.elapsed());
+            }
+        };
         flat.clear();
         grad_flat.clear();
         for l in prefix.k.iter().chain(&prefix.v) {
@@ -470,6 +483,7 @@ pub fn bench_train_steps(
         step_s,
         forward_s: median(&mut fwd),
         last_loss,
+        overflow_skips,
     })
 }
 

@@ -55,6 +55,12 @@ pub trait Engine {
         opts: &RunOptions,
     ) -> Result<LossOutput<f32>>;
     /// The batch's loss and the gradient of its mean with respect to the prefix bank.
+    ///
+    /// A mixed-precision engine (the GPU engine, fp16 activations with dynamic loss scaling)
+    /// may return an error that downcasts (through `anyhow`) to [`GradOverflow`]: the loss is
+    /// fine but the scaled gradient overflowed fp16. Nothing is wrong with the input; the
+    /// engine has lowered its loss scale, and the caller skips this step (as torch's
+    /// `GradScaler` does).
     fn loss_and_grad(
         &mut self,
         prefix: &PrefixBank<f32>,
@@ -73,6 +79,13 @@ pub trait Engine {
     /// Feeds `tokens[b]` (at least one token: a prompt for the prefill, then one token per step)
     /// to sequence `b` and returns the logits `[B, V]` of each sequence's last new token.
     fn decode(&mut self, cache: &mut dyn DecodeCache, tokens: &[Vec<u32>]) -> Result<Vec<f32>>;
+    /// The dynamic loss scale of a mixed-precision engine; `None` for engines without one.
+    fn loss_scale(&self) -> Option<f32> {
+        None
+    }
+    /// Sets the dynamic loss scale (a checkpoint's, on resume); no effect on engines without
+    /// one.
+    fn set_loss_scale(&mut self, _scale: f32) {}
     /// One optimizer update of the flat trainable parameters `params` (optimizer order) from
     /// their gradient `grads`: clips the global gradient norm to `max_grad_norm` (0: off) like
     /// `torch.nn.utils.clip_grad_norm_`, then steps `optimizer` with learning rate `lr`. Returns
@@ -107,6 +120,24 @@ pub trait Engine {
     ) -> Result<ReparamGrads<f32>> {
         Ok(r.backward(cache, d_peft))
     }
+}
+
+/// [`Engine::loss_and_grad`]'s error when a mixed-precision engine's prefix gradient overflowed
+/// at its loss scale: the step is to be skipped (no update) and the engine has already lowered
+/// the scale to `new_scale` for the next call. Reach it with
+/// `err.downcast_ref::<GradOverflow>()`.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(
+    "the fp16 prefix gradient overflowed at loss scale {scale}; the step is skipped and the \
+     scale lowered to {new_scale}"
+)]
+pub struct GradOverflow {
+    /// The batch's loss (finite: only the gradient overflowed).
+    pub loss: LossOutput<f32>,
+    /// The loss scale the backward ran at.
+    pub scale: f32,
+    /// The scale the engine uses from the next call on.
+    pub new_scale: f32,
 }
 
 /// [`Engine::apply_update`] on the host: [`clip_grad_norm`] then [`Optimizer::step`] (nothing

@@ -13,6 +13,11 @@
 //!   MLP to its weights; at the end it is folded into a plain prefix.
 //! - **Non-finite loss or gradient**: the run stops before the update, keeps the last good
 //!   checkpoint untouched, and returns an error saying so.
+//! - **fp16 overflow** (the GPU engine's dynamic loss scaling, [`GradOverflow`]): the step is
+//!   skipped as torch's `GradScaler` skips it: no update, the step's remaining micro-batches are
+//!   not run (its examples are still consumed), the step counts, and its metrics record has the
+//!   loss so far, no `grad_norm`, and `overflow_skipped` (the running count) and `loss_scale`
+//!   (the lowered scale). The scale is saved in checkpoints and restored on resume.
 //! - **Outputs** in the run directory: `metrics.jsonl` (one line per step, plus the evaluations),
 //!   `checkpoint/` (see [`crate::checkpoint`]), and at the end `prefix.safetensors`,
 //!   `best_prefix.safetensors` (the prefix with the lowest eval loss) and `loss.svg`.
@@ -29,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{save_checkpoint, CheckpointParts};
 use crate::data::{make_batch, Encoded};
-use crate::engine::Engine;
+use crate::engine::{Engine, GradOverflow};
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule, Sgd, SgdConfig};
 use crate::prefix::peft::{from_peft, to_peft};
 use crate::prefix::{save_prefix, PrefixBank, PrefixMeta, Reparam};
@@ -208,6 +213,12 @@ pub struct MetricRecord {
     pub eval_loss: Option<f64>,
     /// Micro-batches skipped so far because they held no target token.
     pub skipped: u64,
+    /// Steps skipped so far because the fp16 gradient overflowed (no update in those steps).
+    #[serde(default)]
+    pub overflow_skipped: u64,
+    /// The engine's dynamic loss scale after this step (mixed-precision engines only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
 }
 
 /// The loop's state: what a checkpoint stores besides parameters and optimizer.
@@ -223,6 +234,12 @@ pub struct LoopState {
     pub tokens_seen: u64,
     pub elapsed: f64,
     pub skipped: u64,
+    /// Steps skipped because the fp16 gradient overflowed.
+    #[serde(default)]
+    pub overflow_skipped: u64,
+    /// The engine's dynamic loss scale (restored on resume; `None` without one).
+    #[serde(default)]
+    pub loss_scale: Option<f32>,
     pub best_eval: Option<f64>,
     pub best_eval_step: Option<u64>,
     /// Every metrics record so far (the curve survives a resume).
@@ -421,6 +438,9 @@ pub fn train(
     let (mut st, mut optimizer) = match resume {
         Some((s, o)) => {
             o.check_len(n_params)?;
+            if let Some(scale) = s.loss_scale {
+                engine.set_loss_scale(scale);
+            }
             (s, o)
         }
         None => (
@@ -432,6 +452,8 @@ pub fn train(
                 tokens_seen: 0,
                 elapsed: 0.0,
                 skipped: 0,
+                overflow_skipped: 0,
+                loss_scale: engine.loss_scale(),
                 best_eval: None,
                 best_eval_step: None,
                 history: Vec::new(),
@@ -489,6 +511,8 @@ pub fn train(
             elapsed: elapsed(elapsed0),
             eval_loss: Some(e),
             skipped: 0,
+            overflow_skipped: 0,
+            loss_scale: None,
         };
         metrics.push(&rec)?;
         st.history.push(rec);
@@ -512,9 +536,10 @@ pub fn train(
         // Forward/backward per micro-batch, weighting by target tokens.
         let mut loss_sum = 0.0f64;
         let mut n_targets = 0usize;
-        let mut grad_acc: Option<Vec<f32>> = None;
         let mut micro: Vec<(Vec<f32>, usize)> = Vec::new();
         let mut step_tokens = 0u64;
+        // Set when the engine's fp16 gradient overflowed: the step is skipped.
+        let mut overflow: Option<GradOverflow> = None;
         for chunk in picked.chunks(config.batch_size) {
             let batch = make_batch(chunk, setup.pad_id);
             step_tokens += batch.valid_len.iter().sum::<usize>() as u64;
@@ -523,7 +548,20 @@ pub fn train(
                 st.skipped += 1;
                 continue;
             }
-            let (out, grad) = engine.loss_and_grad(&prefix, &batch, &setup.run)?;
+            let (out, grad) = match engine.loss_and_grad(&prefix, &batch, &setup.run) {
+                Ok(r) => r,
+                Err(e) => match e.downcast::<GradOverflow>() {
+                    // The loss is good, the scaled gradient is not: the rest of the step is
+                    // skipped (its examples stay consumed, so the data order is unchanged).
+                    Ok(o) => {
+                        loss_sum += o.loss.loss_sum.iter().map(|&x| x as f64).sum::<f64>();
+                        n_targets += n;
+                        overflow = Some(o);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
             loss_sum += out.loss_sum.iter().map(|&x| x as f64).sum::<f64>();
             n_targets += n;
             micro.push((grad_to_params(engine, &trainable, &grad)?, n));
@@ -533,60 +571,67 @@ pub fn train(
             st.step += 1;
             continue;
         }
-        if micro.len() == 1 {
-            grad_acc = Some(micro.pop().unwrap().0);
-        } else {
-            for (g, n) in micro {
-                let w = n as f32 / n_targets as f32;
-                match &mut grad_acc {
-                    None => grad_acc = Some(g.iter().map(|x| x * w).collect()),
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += x * w),
-                }
-            }
-        }
-        let mut grad = grad_acc.expect("at least one micro-batch");
         let loss = loss_sum / n_targets as f64;
         let lr = schedule.lr(config.lr, st.step);
-        let mut params = trainable.to_flat();
-        // Clipping and the optimizer step, on the engine's device (nothing is updated when the
-        // loss or the gradient norm is not finite).
-        let norm = if loss.is_finite() {
-            engine.apply_update(
-                &mut params,
-                &mut grad,
-                &mut optimizer,
-                lr,
-                config.max_grad_norm,
-            )?
+        let norm = if overflow.is_some() && loss.is_finite() {
+            None // a skipped step: no update
         } else {
-            f64::NAN
+            let mut params = trainable.to_flat();
+            // Clipping and the optimizer step, on the engine's device (nothing is updated when
+            // the loss or the gradient norm is not finite).
+            let norm = if loss.is_finite() {
+                let mut grad = accumulate(micro, n_targets);
+                engine.apply_update(
+                    &mut params,
+                    &mut grad,
+                    &mut optimizer,
+                    lr,
+                    config.max_grad_norm,
+                )?
+            } else {
+                f64::NAN
+            };
+            if !loss.is_finite() || !norm.is_finite() {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                bail!(
+                    "training stopped at step {}: the {} is not finite ({}); the prefix was not updated. \
+                     The last good checkpoint (if any) is kept in {}; try a smaller --lr or --max-grad-norm",
+                    st.step + 1,
+                    if !loss.is_finite() { "loss" } else { "gradient norm" },
+                    if !loss.is_finite() { loss } else { norm },
+                    out.join(crate::checkpoint::CHECKPOINT_DIR).display()
+                );
+            }
+            if params.iter().any(|x| !x.is_finite()) {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                bail!(
+                    "training stopped at step {}: the update made the prefix non-finite (learning rate {lr:e} is too large?); \
+                     the last good checkpoint (if any) is kept in {}",
+                    st.step + 1,
+                    out.join(crate::checkpoint::CHECKPOINT_DIR).display()
+                );
+            }
+            trainable.copy_from_flat(&params);
+            prefix = trainable.prefix_on(engine)?;
+            Some(norm)
         };
-        if !loss.is_finite() || !norm.is_finite() {
-            if let Some(b) = &bar {
-                b.abandon();
-            }
-            bail!(
-                "training stopped at step {}: the {} is not finite ({}); the prefix was not updated. \
-                 The last good checkpoint (if any) is kept in {}; try a smaller --lr or --max-grad-norm",
-                st.step + 1,
-                if !loss.is_finite() { "loss" } else { "gradient norm" },
-                if !loss.is_finite() { loss } else { norm },
-                out.join(crate::checkpoint::CHECKPOINT_DIR).display()
+        if let Some(o) = &overflow {
+            st.overflow_skipped += 1;
+            say(
+                &bar,
+                format!(
+                    "step {}/{} skipped: fp16 overflow, loss scale now {}",
+                    st.step + 1,
+                    config.steps,
+                    o.new_scale
+                ),
             );
         }
-        if params.iter().any(|x| !x.is_finite()) {
-            if let Some(b) = &bar {
-                b.abandon();
-            }
-            bail!(
-                "training stopped at step {}: the update made the prefix non-finite (learning rate {lr:e} is too large?); \
-                 the last good checkpoint (if any) is kept in {}",
-                st.step + 1,
-                out.join(crate::checkpoint::CHECKPOINT_DIR).display()
-            );
-        }
-        trainable.copy_from_flat(&params);
-        prefix = trainable.prefix_on(engine)?;
+        st.loss_scale = engine.loss_scale();
         st.step += 1;
         steps_this_run += 1;
         st.elapsed = elapsed(elapsed0);
@@ -596,12 +641,14 @@ pub fn train(
             step: st.step,
             loss: Some(loss),
             lr: Some(lr),
-            grad_norm: Some(norm),
+            grad_norm: norm,
             tokens: Some(n_targets as u64),
             tokens_seen: st.tokens_seen,
             elapsed: st.elapsed,
             eval_loss: None,
             skipped: st.skipped,
+            overflow_skipped: st.overflow_skipped,
+            loss_scale: st.loss_scale.map(f64::from),
         };
         let last = st.step == config.steps;
         let want_eval = !eval.is_empty()
@@ -642,12 +689,23 @@ pub fn train(
         let tok_s = step_tokens as f64 / step_secs.max(1e-9);
         if let Some(b) = &bar {
             b.set_position(st.step);
-            b.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s"));
+            let overflows = match st.overflow_skipped {
+                0 => String::new(),
+                n => format!("  {n} skipped (fp16 overflow)"),
+            };
+            b.set_message(format!("loss {loss:.4}  {tok_s:.0} tok/s{overflows}"));
         }
         if plain_log && (st.step % log_every == 0 || last) {
             eprintln!(
-                "step {}/{}  loss {loss:.4}  lr {lr:.2e}  grad-norm {norm:.3}  {tok_s:.0} tok/s  {:.0}s",
-                st.step, config.steps, st.elapsed
+                "step {}/{}  loss {loss:.4}  lr {lr:.2e}  grad-norm {}  {tok_s:.0} tok/s  {:.0}s{}",
+                st.step,
+                config.steps,
+                norm.map_or("skipped".into(), |n| format!("{n:.3}")),
+                st.elapsed,
+                match st.overflow_skipped {
+                    0 => String::new(),
+                    n => format!("  ({n} steps skipped for fp16 overflow)"),
+                }
             );
         }
 
@@ -694,6 +752,23 @@ pub fn train(
         stopped_early,
         final_prefix_path,
     })
+}
+
+/// A step's gradient from its micro-batches' (each of its own mean, with its target count):
+/// weighted by their shares of the `n_targets` target tokens.
+fn accumulate(mut micro: Vec<(Vec<f32>, usize)>, n_targets: usize) -> Vec<f32> {
+    if micro.len() == 1 {
+        return micro.pop().expect("one micro-batch").0;
+    }
+    let mut acc: Option<Vec<f32>> = None;
+    for (g, n) in micro {
+        let w = n as f32 / n_targets as f32;
+        match &mut acc {
+            None => acc = Some(g.iter().map(|x| x * w).collect()),
+            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += x * w),
+        }
+    }
+    acc.expect("at least one micro-batch")
 }
 
 /// The training args JSON with the best step and eval loss added.

@@ -1,16 +1,28 @@
 //! Training through the real binary on the tiny fixtures: one plain SGD step equals the reference
 //! gradient step, gradient accumulation equals one big batch, resume continues bit for bit, the
-//! reparameterization trains and folds, a non-finite loss stops the run cleanly, and `eval`'s
-//! per-example losses match the reference model.
+//! reparameterization trains and folds, a non-finite loss stops the run cleanly, `eval`'s
+//! per-example losses match the reference model, and an fp16 gradient overflow (an engine
+//! returning `GradOverflow`) skips its step, is reported in the metrics, and its lowered loss
+//! scale survives a resume.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
+use prefix_tune::checkpoint::load_checkpoint;
 use prefix_tune::data::{encode_examples, load_examples, make_batch, LongPolicy};
+use prefix_tune::engine::{CpuEngine, DecodeCache, Engine, GradOverflow};
+use prefix_tune::model::config::ModelConfig;
 use prefix_tune::model::load::load_model;
+use prefix_tune::optim::Optimizer;
 use prefix_tune::prefix::{load_prefix, load_reparam, save_prefix, PrefixBank, PrefixMeta};
-use prefix_tune::reference::model::{loss, loss_and_grad, Positions, RunOptions};
+use prefix_tune::reference::model::{
+    loss, loss_and_grad, Batch, LossOutput, Positions, RunOptions,
+};
 use prefix_tune::reference::real::rel_err;
+use prefix_tune::train::{
+    train, LoopState, OptimizerKind, RunSetup, ScheduleKind, TrainConfig, Trainable, TrainerState,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -722,4 +734,267 @@ fn epochs_visit_every_example_once_per_epoch() {
     let t: Vec<u64> = recs.iter().map(|r| r["tokens"].as_u64().unwrap()).collect();
     assert_eq!(t[0] + t[1], all);
     assert_eq!(t[2] + t[3], all);
+}
+
+/// The CPU engine posing as a mixed-precision one: a dynamic loss scale, and calls to
+/// `loss_and_grad` (counted from 1) listed in `overflow_on` fail with [`GradOverflow`] as the
+/// GPU engine's do (the real loss, the scale halved). Records each call's prefix, batch tokens
+/// and loss.
+struct OverflowingEngine {
+    inner: CpuEngine,
+    scale: f32,
+    overflow_on: Vec<usize>,
+    calls: Vec<(Vec<f32>, Vec<u32>, f64)>,
+}
+
+impl Engine for OverflowingEngine {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn describe(&self) -> String {
+        "CPU engine with provoked fp16 overflows".into()
+    }
+    fn loss(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> anyhow::Result<LossOutput<f32>> {
+        self.inner.loss(prefix, batch, opts)
+    }
+    fn loss_and_grad(
+        &mut self,
+        prefix: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+    ) -> anyhow::Result<(LossOutput<f32>, PrefixBank<f32>)> {
+        let (out, grad) = self.inner.loss_and_grad(prefix, batch, opts)?;
+        let mean = out.loss_sum.iter().map(|&x| x as f64).sum::<f64>()
+            / out.n_targets.iter().sum::<usize>() as f64;
+        self.calls
+            .push((prefix.to_flat(), batch.tokens.clone(), mean));
+        if self.overflow_on.contains(&self.calls.len()) {
+            let scale = self.scale;
+            self.scale /= 2.0;
+            return Err(GradOverflow {
+                loss: out,
+                scale,
+                new_scale: self.scale,
+            }
+            .into());
+        }
+        Ok((out, grad))
+    }
+    fn begin_decode(
+        &mut self,
+        prefix: Option<&PrefixBank<f32>>,
+        prefix_index: &[Option<usize>],
+        opts: &RunOptions,
+    ) -> anyhow::Result<Box<dyn DecodeCache>> {
+        self.inner.begin_decode(prefix, prefix_index, opts)
+    }
+    fn decode(
+        &mut self,
+        cache: &mut dyn DecodeCache,
+        tokens: &[Vec<u32>],
+    ) -> anyhow::Result<Vec<f32>> {
+        self.inner.decode(cache, tokens)
+    }
+    fn loss_scale(&self) -> Option<f32> {
+        Some(self.scale)
+    }
+    fn set_loss_scale(&mut self, scale: f32) {
+        self.scale = scale;
+    }
+}
+
+#[test]
+fn fp16_overflow_skips_the_step_and_the_scale_survives_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let mdir = fixture("llama_tiny");
+    let m = load_model(&mdir).unwrap();
+    let ex = load_examples(&write_data(d.path(), 9, 61)).unwrap();
+    let items = encode_examples(&m.tokenizer, &ex, 1000, LongPolicy::Truncate, "d")
+        .unwrap()
+        .items;
+    let cfg = m.weights.config.clone();
+    let weights = Arc::new(m.weights);
+    let init = PrefixBank::random(1, cfg.n_layers, cfg.n_kv_heads, 3, cfg.head_dim, 0.5, 62);
+    let config = TrainConfig {
+        optimizer: OptimizerKind::Sgd,
+        lr: 0.05,
+        weight_decay: 0.0,
+        warmup_steps: 0,
+        schedule: ScheduleKind::Constant,
+        max_grad_norm: 1.0,
+        steps: 6,
+        batch_size: 2,
+        grad_accum: 2,
+        seed: 63,
+        eval_every: 0,
+        save_every: 0,
+    };
+    let meta = PrefixMeta::for_model(
+        &cfg,
+        3,
+        &m.fingerprint,
+        Positions::AfterPrefix,
+        &serde_json::json!({}),
+    );
+    let engine = |overflow_on: Vec<usize>| OverflowingEngine {
+        inner: CpuEngine::new(weights.clone()),
+        scale: 65536.0,
+        overflow_on,
+        calls: Vec::new(),
+    };
+    let run = |dir: &Path,
+               engine: &mut OverflowingEngine,
+               trainable: Trainable,
+               resume: Option<(LoopState, Optimizer)>,
+               stop_after: Option<u64>| {
+        let setup = RunSetup {
+            out: dir,
+            run: RunOptions::default(),
+            pad_id: m.tokenizer.eos_token_ids()[0],
+            meta: meta.clone(),
+            args: serde_json::json!({}),
+            stop_after,
+            progress: false,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        train(engine, &config, trainable, resume, &items, &[], &setup).unwrap()
+    };
+
+    // Two calls (micro-batches) per step; call 5 is step 3's first one.
+    let clean_dir = d.path().join("clean");
+    let mut clean = engine(vec![]);
+    run(
+        &clean_dir,
+        &mut clean,
+        Trainable::Bank(init.clone()),
+        None,
+        None,
+    );
+    let skip_dir = d.path().join("skip");
+    let mut skip = engine(vec![5]);
+    let out = run(
+        &skip_dir,
+        &mut skip,
+        Trainable::Bank(init.clone()),
+        None,
+        None,
+    );
+    assert!(!out.stopped_early && skip_dir.join("prefix.safetensors").is_file());
+    assert_eq!(out.state.step, 6, "the skipped step counts as a step");
+    assert_eq!(out.state.overflow_skipped, 1);
+    assert_eq!(out.state.loss_scale, Some(32768.0));
+    assert_eq!(clean.calls.len(), 12);
+    // The skipped step's second micro-batch is not run.
+    assert_eq!(skip.calls.len(), 11);
+
+    // Steps 1-2 are the clean run's, bit for bit, up to the overflowing call.
+    for i in 0..5 {
+        assert!(
+            skip.calls[i].0 == clean.calls[i].0,
+            "call {}: prefix",
+            i + 1
+        );
+        assert!(skip.calls[i].1 == clean.calls[i].1, "call {}: batch", i + 1);
+    }
+    // The skipped step left the prefix as it was: step 4 (calls 6, 7) starts from step 3's
+    // prefix, and updates it for step 5 (call 8).
+    assert!(
+        skip.calls[5].0 == skip.calls[4].0,
+        "the skipped step changed the prefix"
+    );
+    assert!(
+        skip.calls[7].0 != skip.calls[6].0,
+        "step 4 must update the prefix"
+    );
+    // The data position stays aligned: step 4 reads the clean run's step-4 examples.
+    assert!(skip.calls[5].1 == clean.calls[6].1, "step 4's examples");
+    assert!(skip.calls[6].1 == clean.calls[7].1, "step 4's examples");
+
+    // The step records, without the wall time.
+    let recs = |dir: &Path| -> Vec<Value> {
+        metrics(dir)
+            .into_iter()
+            .filter(|r| r.get("loss").is_some())
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("elapsed");
+                r
+            })
+            .collect()
+    };
+    let (rc, rs) = (recs(&clean_dir), recs(&skip_dir));
+    assert_eq!(
+        rs.len(),
+        6,
+        "a metrics record for every step, the skipped one too"
+    );
+    for (i, r) in rs.iter().enumerate() {
+        let step = i as u64 + 1;
+        assert_eq!(r["step"].as_u64(), Some(step));
+        let skipped_so_far = u64::from(step >= 3);
+        assert_eq!(r["overflow_skipped"].as_u64(), Some(skipped_so_far), "{r}");
+        let scale = if step >= 3 { 32768.0 } else { 65536.0 };
+        assert_eq!(r["loss_scale"].as_f64(), Some(scale), "{r}");
+        assert_eq!(r.get("grad_norm").is_some(), step != 3, "{r}");
+        assert_eq!(rc[i]["overflow_skipped"].as_u64(), Some(0));
+    }
+    for i in 0..2 {
+        assert_eq!(rs[i]["loss"], rc[i]["loss"], "step {}", i + 1);
+        assert_eq!(rs[i]["grad_norm"], rc[i]["grad_norm"], "step {}", i + 1);
+    }
+    // The skipped step's loss is its first micro-batch's (the one that ran).
+    let l3 = rs[2]["loss"].as_f64().unwrap();
+    assert!(
+        (l3 - skip.calls[4].2).abs() <= 1e-12 * l3.abs(),
+        "step 3 loss {l3} vs its micro-batch's {}",
+        skip.calls[4].2
+    );
+
+    // Interrupted right after the skipped step and resumed with a fresh engine: the checkpoint
+    // restores the lowered scale, and the run ends where the uninterrupted one did.
+    let split_dir = d.path().join("split");
+    let mut first = engine(vec![5]);
+    let o = run(
+        &split_dir,
+        &mut first,
+        Trainable::Bank(init.clone()),
+        None,
+        Some(3),
+    );
+    assert!(o.stopped_early);
+    let ck = load_checkpoint::<TrainerState>(&split_dir).unwrap();
+    assert_eq!(ck.state.looping.step, 3);
+    assert_eq!(ck.state.looping.overflow_skipped, 1);
+    assert_eq!(ck.state.looping.loss_scale, Some(32768.0));
+    let mut second = engine(vec![]);
+    let trainable = ck.state.trainable.build(&ck.params).unwrap();
+    let o = run(
+        &split_dir,
+        &mut second,
+        trainable,
+        Some((ck.state.looping.clone(), ck.optimizer.clone())),
+        None,
+    );
+    assert_eq!(
+        second.scale, 32768.0,
+        "the resumed engine got the saved scale"
+    );
+    assert_eq!(o.state.overflow_skipped, 1);
+    assert_eq!(recs(&split_dir), rs, "the resumed run's metrics");
+    let (pa, pb) = (
+        prefix_values(&skip_dir.join("prefix.safetensors")),
+        prefix_values(&split_dir.join("prefix.safetensors")),
+    );
+    assert!(
+        pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "the resumed run's final prefix differs"
+    );
+    println!(
+        "RESULT train/fp16_overflow_skips_the_step: step 3 skipped (loss {l3:.4}), scale 65536 \
+         -> 32768 kept across resume, final prefixes bitwise equal"
+    );
 }

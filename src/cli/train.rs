@@ -658,7 +658,7 @@ pub fn run(cli: TrainArgs) -> Result<()> {
     let last_eval = outcome.state.history.iter().rev().find_map(|r| r.eval_loss);
     let first_eval = outcome.state.history.iter().find_map(|r| r.eval_loss);
     println!(
-        "done: {} steps in {:.0}s; final train loss {}; eval loss {} -> {}{}",
+        "done: {} steps in {:.0}s; final train loss {}; eval loss {} -> {}{}{}",
         outcome.state.step,
         outcome.state.elapsed,
         last_loss.map_or("-".into(), |l| format!("{l:.4}")),
@@ -668,6 +668,14 @@ pub fn run(cli: TrainArgs) -> Result<()> {
             " (best {b:.4} at step {})",
             outcome.state.best_eval_step.unwrap_or(0)
         )),
+        match outcome.state.overflow_skipped {
+            0 => String::new(),
+            n => format!(
+                "; {n} step{} skipped for fp16 gradient overflow (loss scale now {})",
+                if n == 1 { "" } else { "s" },
+                outcome.state.loss_scale.unwrap_or(f32::NAN)
+            ),
+        },
     );
     println!(
         "wrote {}/prefix.safetensors{}, metrics.jsonl, loss.svg, checkpoint/",

@@ -377,6 +377,14 @@ where
         self.engine.decode(cache, tokens)
     }
 
+    fn loss_scale(&self) -> Option<f32> {
+        Some(self.engine.loss_scale())
+    }
+
+    fn set_loss_scale(&mut self, scale: f32) {
+        self.engine.set_loss_scale(scale);
+    }
+
     fn apply_update(
         &mut self,
         params: &mut [f32],

@@ -463,7 +463,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 mib(engine.allocated_bytes()),
                 mib(engine.peak_device_memory()),
                 engine.loss_scale(),
-                engine.overflow_retries(),
+                engine.overflow_skips(),
             );
             (t, Some(mem), describe, profile)
         };
@@ -481,11 +481,11 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             if let Some(p) = &profile {
                 row["profile"] = serde_json::to_value(p)?;
             }
-            if let Some((alloc, peak, scale, retries)) = mem {
+            if let Some((alloc, peak, scale, skips)) = mem {
                 row["allocated_mib"] = alloc.into();
                 row["peak_device_mib"] = peak.into();
                 row["loss_scale"] = scale.into();
-                row["overflow_retries"] = retries.into();
+                row["overflow_skips"] = skips.into();
             }
             println!("{row}");
         } else {
@@ -521,6 +521,16 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 alloc,
                 peak
             );
+            if timing.overflow_skips > 0 {
+                println!(
+                    "  {}: {} of the {} steps skipped for fp16 gradient overflow (no update; \
+                     the loss scale was lowered{})",
+                    name,
+                    timing.overflow_skips,
+                    warmup + steps.max(1),
+                    mem.map_or(String::new(), |m| format!(" to {}", m.2))
+                );
+            }
             if let Some(p) = &profile {
                 print!("{}", format_profile(&name, p));
             }
@@ -604,7 +614,10 @@ fn profile_steps(
     let _ = engine.backend_mut().take_profile(); // start from zero
     let t0 = std::time::Instant::now();
     for _ in 0..steps {
-        engine.loss_and_grad(prefix, batch, &opts)?;
+        // An fp16 overflow skips the step (the engine lowers its scale); it is no error here.
+        if let Err(e) = engine.loss_and_grad(prefix, batch, &opts) {
+            e.downcast::<crate::engine::GradOverflow>()?;
+        }
     }
     let wall = t0.elapsed().as_secs_f64();
     let totals = engine.backend_mut().take_profile();

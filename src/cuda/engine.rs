@@ -18,9 +18,9 @@
 //! - The prefix-only backward: activation gradients only (no weight gradients), down to every
 //!   layer's prefix keys/values, which the attention backward sums over the sequences using each
 //!   prefix. fp16 activations and GEMMs with fp32 accumulation, the residual gradient in fp32,
-//!   dynamic loss scaling: on an inf/NaN in the prefix gradient the scale is halved and the
-//!   backward redone (the forward's activations are kept), so the trainer never sees an
-//!   overflowed gradient; the count is in [`ModelEngine::overflow_retries`].
+//!   dynamic loss scaling as torch's `GradScaler`: on an inf/NaN in the prefix gradient the
+//!   scale is halved and `loss_and_grad` returns [`crate::engine::GradOverflow`] (with the
+//!   loss), so the trainer skips that step; the count is in [`ModelEngine::overflow_skips`].
 //! - Optional activation recomputation ([`ModelEngine::set_recompute`], or
 //!   `PREFIX_TUNE_RECOMPUTE=1` for the CLI): the forward keeps only each layer's input and the
 //!   backward reruns the layer before its backward.
@@ -28,12 +28,14 @@
 //!   failure says how much was asked, how much is free, and what to reduce.
 //! - Decoding (generation) runs on the device with a per-layer KV cache `[B, Hkv, capacity, D]`
 //!   whose first entries of each sequence are its prefix (mixed prefixes, or none, per request).
-//!   A step (the prefill with whole prompts of uneven lengths, then one token per sequence) runs
-//!   the new tokens through the layers; the attention (`kernels/decode_attention.cu`) reads the
-//!   cache then the new keys causally, which are then appended to the cache (a row scatter).
-//!   Beam reordering gathers cache rows on the device. The cache is allocated once per session
-//!   at the prefill (longest prefix + prompt + a headroom, [`ModelEngine::set_decode_headroom`]);
-//!   outgrowing it is an error saying so.
+//!   A step runs the new tokens through the same layer code as training ([`layer_forward`])
+//!   and appends their keys/values to the cache (a row scatter). The prefill (whole prompts of
+//!   uneven lengths) attends with the fused prefix-attention kernel over the bank, a request
+//!   without a prefix getting the kernels' negative prefix index; later steps (one token per
+//!   sequence) with `kernels/decode_attention.cu`, which reads the cache then the new keys
+//!   causally. Beam reordering gathers cache rows on the device. The cache is allocated at the
+//!   prefill for the longest prefix + prompt + a headroom ([`ModelEngine::set_decode_headroom`])
+//!   and doubles (one row gather) when a sequence outgrows it.
 //!
 //! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
 //! host, where the trainer's optimizer keeps the fp32 master copy.
@@ -59,8 +61,9 @@ use crate::reference::model::{Batch, LossOutput, Positions, RunOptions};
 /// Elements of one chunk of head logits (rows × vocab): 64 MiB of fp16.
 const HEAD_CHUNK_ELEMS: usize = 1 << 25;
 
-/// Dynamic loss scaling (as torch's GradScaler): start high, halve on overflow, double after
-/// `GROWTH_INTERVAL` clean steps.
+/// Dynamic loss scaling (as torch's GradScaler): start high, halve on overflow (that step is
+/// skipped), double after `GROWTH_INTERVAL` clean steps in a row; below `MIN_SCALE` an overflow
+/// is an error.
 const INITIAL_SCALE: f32 = 65536.0;
 const GROWTH_INTERVAL: u32 = 1000;
 const MAX_SCALE: f32 = 16_777_216.0;
@@ -484,7 +487,7 @@ pub struct ModelEngine<B: Backend> {
     ws: Option<Workspace<B>>,
     rope: Option<RopeTables<B>>,
     scaler: LossScaler,
-    overflow_retries: u64,
+    overflow_skips: u64,
     peak_used: usize,
     /// Elements of one chunk of head logits (rows × vocab).
     head_chunk_elems: usize,
@@ -549,7 +552,7 @@ impl<B: Backend> ModelEngine<B> {
                 scale: INITIAL_SCALE,
                 good_steps: 0,
             },
-            overflow_retries: 0,
+            overflow_skips: 0,
             peak_used: 0,
             head_chunk_elems: HEAD_CHUNK_ELEMS,
             recompute: false,
@@ -560,9 +563,10 @@ impl<B: Backend> ModelEngine<B> {
         Ok(e)
     }
 
-    /// Backward passes redone with a lower loss scale after an fp16 overflow, so far.
-    pub fn overflow_retries(&self) -> u64 {
-        self.overflow_retries
+    /// Steps whose gradient overflowed (`loss_and_grad` returned
+    /// [`crate::engine::GradOverflow`] and the step was skipped), so far.
+    pub fn overflow_skips(&self) -> u64 {
+        self.overflow_skips
     }
 
     /// The current loss scale.
@@ -570,10 +574,13 @@ impl<B: Backend> ModelEngine<B> {
         self.scaler.scale
     }
 
-    /// Sets the loss scale (tests use it to provoke overflows).
+    /// Sets the loss scale (a checkpoint's on resume; tests use it to provoke overflows),
+    /// clamped to `[MIN_SCALE, MAX_SCALE]`; a non-finite or non-positive value is ignored.
     pub fn set_loss_scale(&mut self, scale: f32) {
-        self.scaler.scale = scale;
-        self.scaler.good_steps = 0;
+        if scale.is_finite() && scale > 0.0 {
+            self.scaler.scale = scale.clamp(MIN_SCALE, MAX_SCALE);
+            self.scaler.good_steps = 0;
+        }
     }
 
     /// Sets the size of the LM head's logits chunks (elements, rows × vocab; at least one row).
@@ -739,7 +746,7 @@ impl<B: Backend> ModelEngine<B> {
                 lw,
                 ws,
                 rope.as_ref(),
-                &s_attn,
+                Attend::Batch(&s_attn),
                 l,
                 l % n_saved,
                 pending,
@@ -897,7 +904,8 @@ impl<B: Backend> ModelEngine<B> {
                 let rd = rows * d;
                 let (x, inputs) = (&mut ws.x, &ws.layer_inputs);
                 be.copy("restoring a layer input", &inputs[l], 0..rd, x, 0)?;
-                layer_forward(be, &cfg, lw, ws, rope.as_ref(), &s_attn, l, 0, None, false)?;
+                let attend = Attend::Batch(&s_attn);
+                layer_forward(be, &cfg, lw, ws, rope.as_ref(), attend, l, 0, None, false)?;
             }
             let sv = &ws.saved[l % n_saved];
             // MLP block: d_act = dx·W_out, through the activation, dh = d_a·W_in, norm'.
@@ -1134,46 +1142,59 @@ where
             return Ok((out, prefix.zeros_like()));
         }
         let shape = self.forward(Some(prefix), batch, opts, true)?;
-        let mut first_loss = None;
-        loop {
-            let s = self.scaler.scale;
-            let sums = self.head(&shape, batch, Some(s / total as f32))?;
-            let out = first_loss
-                .get_or_insert_with(|| loss_output(sums, batch))
-                .clone();
-            if !out.mean_loss.is_finite() {
-                bail!(
-                    "the GPU forward gave a non-finite loss ({}): the fp16 activations overflowed \
-                     (use --device cpu for this model or data)",
-                    out.mean_loss
-                );
-            }
-            match self.backward(&shape, 1.0 / s)? {
-                Some(mut grad) => {
-                    self.scaler.good_steps += 1;
-                    if self.scaler.good_steps >= GROWTH_INTERVAL && s < MAX_SCALE {
-                        self.scaler.scale = s * 2.0;
-                        self.scaler.good_steps = 0;
-                    }
-                    self.note_memory();
-                    if prefix.len == 0 {
-                        grad = prefix.zeros_like();
-                    }
-                    return Ok((out, grad));
-                }
-                None => {
-                    self.overflow_retries += 1;
+        let s = self.scaler.scale;
+        let sums = self.head(&shape, batch, Some(s / total as f32))?;
+        let out = loss_output(sums, batch);
+        if !out.mean_loss.is_finite() {
+            bail!(
+                "the GPU forward gave a non-finite loss ({}): the fp16 activations overflowed \
+                 (use --device cpu for this model or data)",
+                out.mean_loss
+            );
+        }
+        let grad = self.backward(&shape, 1.0 / s)?;
+        self.note_memory();
+        match grad {
+            Some(mut grad) => {
+                self.scaler.good_steps += 1;
+                if self.scaler.good_steps >= GROWTH_INTERVAL && s < MAX_SCALE {
+                    self.scaler.scale = s * 2.0;
                     self.scaler.good_steps = 0;
-                    if s / 2.0 < MIN_SCALE {
-                        bail!(
-                            "the prefix gradient is not finite even at loss scale {s}: the fp16 \
-                             backward overflowed (use --device cpu)"
-                        );
-                    }
-                    self.scaler.scale = s / 2.0;
                 }
+                if prefix.len == 0 {
+                    grad = prefix.zeros_like();
+                }
+                Ok((out, grad))
+            }
+            None => {
+                // Skip the step with a lower scale (torch's GradScaler), unless it is already
+                // as low as it goes.
+                self.scaler.good_steps = 0;
+                let new_scale = s / 2.0;
+                if new_scale < MIN_SCALE {
+                    bail!(
+                        "the prefix gradient is not finite even at loss scale {s}: the fp16 \
+                         backward overflowed (use --device cpu)"
+                    );
+                }
+                self.scaler.scale = new_scale;
+                self.overflow_skips += 1;
+                Err(crate::engine::GradOverflow {
+                    loss: out,
+                    scale: s,
+                    new_scale,
+                }
+                .into())
             }
         }
+    }
+
+    fn loss_scale(&self) -> Option<f32> {
+        Some(ModelEngine::loss_scale(self))
+    }
+
+    fn set_loss_scale(&mut self, scale: f32) {
+        ModelEngine::set_loss_scale(self, scale);
     }
 
     fn begin_decode(
@@ -1215,8 +1236,40 @@ where
     }
 }
 
+/// Where a layer's attention reads its keys and values.
+enum Attend<'a, B: Backend> {
+    /// The fused prefix attention (`kernels/prefix_attention.cu`) over the layer's prefix bank
+    /// in `ws.bank` and the batch's own keys: training and the loss.
+    Batch(&'a AttnShape),
+    /// A decode step over the layer's KV cache.
+    Cache(CacheStep<'a, B>),
+}
+
+/// One layer's part of a decode step: the prefill runs the fused kernel (`prefill`: the bank is
+/// in `ws.bank`, `ws.prefix_index` is negative for requests without a prefix, `ws.valid_len`
+/// holds the prompt lengths), later steps the decode kernel (`ws.prefix_index` = cached entries,
+/// `ws.valid_len` = new tokens); then the new keys and values are appended to the cache.
+struct CacheStep<'a, B: Backend> {
+    shape: &'a DecodeShape,
+    prefill: Option<&'a AttnShape>,
+    k: &'a mut B::Buf<f16>,
+    v: &'a mut B::Buf<f16>,
+    /// Cache row (`[B·Hkv·capacity]` rows of D) of each new key/value row.
+    append_idx: &'a B::Buf<i32>,
+}
+
+impl<B: Backend> Attend<'_, B> {
+    fn batch_seq(&self) -> (usize, usize) {
+        match self {
+            Attend::Batch(s) => (s.batch, s.seq),
+            Attend::Cache(c) => (c.shape.batch, c.shape.n_new),
+        }
+    }
+}
+
 /// One layer's forward from the residual stream `ws.x` (first adding the pending branch output
-/// `ws.y` with its bias, when `pending`), keeping its activations in saved slot `slot` and, with
+/// `ws.y` with its bias, when `pending`), keeping its activations in saved slot `slot` (the
+/// block inputs only for [`Attend::Batch`], which a backward may follow) and, with
 /// `keep_input`, the block input in `ws.layer_inputs[l]` (for recomputation). Leaves the MLP's
 /// output (bias not added) in `ws.y`.
 #[allow(clippy::too_many_arguments)]
@@ -1226,13 +1279,14 @@ fn layer_forward<B: Backend>(
     lw: &DevLayer<B>,
     ws: &mut Workspace<B>,
     rope: Option<&RopeTables<B>>,
-    s_attn: &AttnShape,
+    attend: Attend<'_, B>,
     layer: usize,
     slot: usize,
     pending: Option<Option<&B::Buf<f16>>>,
     keep_input: bool,
 ) -> Result<()> {
-    let (b, t) = (s_attn.batch, s_attn.seq);
+    let (b, t) = attend.batch_seq();
+    let keep_x = matches!(attend, Attend::Batch(_));
     let rows = b * t;
     let (d, hd) = (cfg.d_model, cfg.head_dim);
     let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
@@ -1251,7 +1305,7 @@ fn layer_forward<B: Backend>(
             y_bias: pending.flatten(),
             w: &lw.attn_norm_w,
             b: lw.attn_norm_b.as_ref(),
-            x_save: Some(&mut sv.attn_x),
+            x_save: keep_x.then_some(&mut sv.attn_x),
             h: &mut ws.h,
             mean: Some(&mut sv.attn_mean),
             rstd: &mut sv.attn_rstd,
@@ -1287,16 +1341,44 @@ fn layer_forward<B: Backend>(
         be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
     }
     let (bk, bv) = &ws.bank[layer];
-    let inputs = AttnBufs {
-        q: &sv.q,
-        k: &sv.k,
-        v: &sv.v,
-        prefix_k: bk,
-        prefix_v: bv,
-        prefix_index: &ws.prefix_index,
-        valid_len: &ws.valid_len,
+    let fused = |s: &AttnShape, o: &mut B::Buf<f16>, lse: &mut B::Buf<f32>| {
+        let inputs = AttnBufs {
+            q: &sv.q,
+            k: &sv.k,
+            v: &sv.v,
+            prefix_k: bk,
+            prefix_v: bv,
+            prefix_index: &ws.prefix_index,
+            valid_len: &ws.valid_len,
+        };
+        be.attn_fwd(s, attn_scale(cfg), inputs, o, lse)
     };
-    be.attn_fwd(s_attn, attn_scale(cfg), inputs, &mut sv.o, &mut sv.lse)?;
+    match attend {
+        Attend::Batch(s) => fused(s, &mut sv.o, &mut sv.lse)?,
+        Attend::Cache(c) => {
+            match c.prefill {
+                Some(s) => fused(s, &mut sv.o, &mut sv.lse)?,
+                None => be.decode_attn(
+                    c.shape,
+                    attn_scale(cfg),
+                    DecodeBufs {
+                        q: &sv.q,
+                        k_new: &sv.k,
+                        v_new: &sv.v,
+                        cache_k: c.k,
+                        cache_v: c.v,
+                    },
+                    &ws.prefix_index,
+                    &ws.valid_len,
+                    &mut sv.o,
+                )?,
+            }
+            let ap = ops::rows_params(b * c.shape.kv_heads * t, hd)?;
+            let cache_rows = b * c.shape.kv_heads * c.shape.capacity;
+            be.scatter_rows(&ap, cache_rows, &sv.k, c.append_idx, c.k)?;
+            be.scatter_rows(&ap, cache_rows, &sv.v, c.append_idx, c.v)?;
+        }
+    }
     let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
     be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
     be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
@@ -1310,7 +1392,7 @@ fn layer_forward<B: Backend>(
             y_bias: lw.bo.as_ref(),
             w: &lw.mlp_norm_w,
             b: lw.mlp_norm_b.as_ref(),
-            x_save: Some(&mut sv.mlp_x),
+            x_save: keep_x.then_some(&mut sv.mlp_x),
             h: &mut ws.h,
             mean: Some(&mut sv.mlp_mean),
             rstd: &mut sv.mlp_rstd,
@@ -1334,9 +1416,9 @@ fn layer_forward<B: Backend>(
 // ---------------------------------------------------------------------------------------------
 // KV-cache decoding.
 
-/// Cache entries kept free after the prefill for the tokens still to come (per sequence), unless
-/// [`ModelEngine::set_decode_headroom`] says otherwise.
-const DECODE_HEADROOM: usize = 1024;
+/// Cache entries allocated after the prefill for the tokens still to come (per sequence), unless
+/// [`ModelEngine::set_decode_headroom`] says otherwise; the cache grows past it when needed.
+const DECODE_HEADROOM: usize = 256;
 
 /// Decoding state of [`ModelEngine`]: per layer, the device-side keys (after RoPE) and values
 /// `[B, Hkv, capacity, D]`, whose first entries of each sequence are its prefix, then its tokens
@@ -1400,8 +1482,8 @@ where
 }
 
 impl<B: Backend> ModelEngine<B> {
-    /// Cache entries (per sequence) kept free after the prefill of a decode session for the
-    /// tokens to come; a session that outgrows it fails with an error saying so.
+    /// Cache entries (per sequence) allocated after the prefill of a decode session for the
+    /// tokens to come; a session that outgrows them doubles the cache.
     pub fn set_decode_headroom(&mut self, tokens: usize) {
         self.decode_headroom = tokens;
     }
@@ -1484,6 +1566,38 @@ impl<B: Backend> ModelEngine<B> {
         Ok(())
     }
 
+    /// Grows the cache to `new_cap` entries per (sequence, kv head), keeping its content (one
+    /// row gather per buffer; the entries past the old capacity are left undefined).
+    fn grow_kv_cache(&mut self, cache: &mut KvDecodeCache<B>, new_cap: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (old, n_seq) = (cache.capacity, cache.dev_batch * cfg.n_kv_heads);
+        let idx: Vec<i32> = (0..n_seq * new_cap)
+            .map(|r| {
+                let (sh, i) = (r / new_cap, r % new_cap);
+                (sh * old + i.min(old - 1)) as i32
+            })
+            .collect();
+        let dev_idx = upload(&self.be, "uploading KV-cache growth rows", &idx)?;
+        let rp = ops::rows_params(n_seq * new_cap, cfg.head_dim)?;
+        for l in 0..cfg.n_layers {
+            for buf in [&mut cache.k[l], &mut cache.v[l]] {
+                let what = format!(
+                    "layer {l} KV cache grown to {new_cap} entries for {} sequences (fewer \
+                     sequences or fewer new tokens need less)",
+                    cache.dev_batch
+                );
+                let mut dst = self
+                    .be
+                    .alloc::<f16>(&what, n_seq * new_cap * cfg.head_dim)?;
+                self.be
+                    .gather_rows(&rp, n_seq * old, buf, &dev_idx, &mut dst)?;
+                *buf = dst;
+            }
+        }
+        cache.capacity = new_cap;
+        Ok(())
+    }
+
     /// One decode step with the KV cache (see [`KvDecodeCache`]).
     fn kv_decode(&mut self, cache: &mut KvDecodeCache<B>, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
         let cfg = self.cfg.clone();
@@ -1522,29 +1636,43 @@ impl<B: Backend> ModelEngine<B> {
             }
             max_pos = max_pos.max(needed);
         }
-        if !cache.allocated() {
+        // The prefill (the first call) runs the fused kernel over the bank, which the cache's
+        // allocation then drops (each sequence's prefix is copied into its cache).
+        let prefill_bank = if cache.allocated() {
+            None
+        } else {
+            let bank = cache.bank.clone();
             self.alloc_kv_cache(cache, &n_new)?;
-        }
+            Some(bank)
+        };
         self.apply_reorder(cache)?;
         let t = n_new.iter().copied().max().unwrap_or(1);
-        let cap = cache.capacity;
         let past: Vec<usize> = (0..b)
             .map(|s| cache.prefix_len[s] + cache.tokens[s])
             .collect();
-        if let Some(s) = (0..b).find(|&s| past[s] + t > cap) {
-            bail!(
-                "decode: sequence {s} needs {} KV-cache entries but the cache was allocated for \
-                 {cap} (the longest prefix and prompt plus room for {} generated tokens); ask \
-                 for fewer new tokens (--max-new-tokens) or use --device cpu",
-                past[s] + t,
-                self.decode_headroom
-            );
+        let needed = (0..b).map(|s| past[s] + t).max().unwrap_or(0);
+        if needed > cache.capacity {
+            let grown = needed.max(2 * cache.capacity);
+            self.grow_kv_cache(cache, grown)?;
         }
+        let cap = cache.capacity;
+        let prefill_shape = prefill_bank.as_ref().map(|bank| {
+            let (p, n) = bank.as_ref().map_or((0, 0), |k| (k.len, k.n_prefixes));
+            AttnShape {
+                batch: b,
+                q_heads: cfg.n_heads,
+                kv_heads: hkv,
+                seq: t,
+                prefix: p,
+                head_dim: hd,
+                n_prefixes: n,
+            }
+        });
         let shape = CallShape {
             batch: b,
             seq: t,
-            prefix: 0,
-            n_prefixes: 0,
+            prefix: prefill_shape.map_or(0, |s| s.prefix),
+            n_prefixes: prefill_shape.map_or(0, |s| s.n_prefixes),
         };
         self.prepare(&shape, false, max_pos)?;
         let Self {
@@ -1567,8 +1695,28 @@ impl<B: Backend> ModelEngine<B> {
         let new_i: Vec<i32> = n_new.iter().map(|&x| x as i32).collect();
         be.write("uploading token ids", &toks, &mut ws.tokens)?;
         be.write("uploading position offsets", &offsets, &mut ws.pos_offset)?;
-        be.write("uploading cache lengths", &past_i, &mut ws.prefix_index)?;
         be.write("uploading new-token counts", &new_i, &mut ws.valid_len)?;
+        match (&prefill_shape, prefill_bank.as_ref().and_then(Option::as_ref)) {
+            (Some(s), Some(bank)) if s.prefix > 0 => {
+                // The fused kernel: each sequence's prefix index, -1 for none.
+                let index: Vec<usize> = cache
+                    .index
+                    .iter()
+                    .map(|i| i.unwrap_or(attn::NO_PREFIX))
+                    .collect();
+                let (pi, _) = attn::index_arrays(s, &index, &n_new)?;
+                be.write("uploading prefix indices", &pi, &mut ws.prefix_index)?;
+                for l in 0..cfg.n_layers {
+                    let (bk, bv) = &mut ws.bank[l];
+                    be.write("uploading prefix keys", &to_f16(&bank.k[l]), bk)?;
+                    be.write("uploading prefix values", &to_f16(&bank.v[l]), bv)?;
+                }
+            }
+            (Some(_), _) => {
+                be.write("uploading prefix indices", &vec![0; b], &mut ws.prefix_index)?
+            }
+            (None, _) => be.write("uploading cache lengths", &past_i, &mut ws.prefix_index)?,
+        }
         // Where each new key/value row goes in the cache (padding rows land past the sequence's
         // length, where they are never read and later overwritten).
         let mut append = Vec::with_capacity(b * hkv * t);
@@ -1595,18 +1743,14 @@ impl<B: Backend> ModelEngine<B> {
         embed(be, &cfg, model, b, t, ws)?;
         let mut pending: Option<Option<&B::Buf<f16>>> = None;
         for (l, lw) in model.layers.iter().enumerate() {
-            let (ck, cv) = (&mut cache.k[l], &mut cache.v[l]);
-            decode_layer_forward(
-                be,
-                &cfg,
-                lw,
-                ws,
-                rope.as_ref(),
-                &dshape,
-                pending,
-                (ck, cv),
-                &append_idx,
-            )?;
+            let attend = Attend::Cache(CacheStep {
+                shape: &dshape,
+                prefill: prefill_shape.as_ref(),
+                k: &mut cache.k[l],
+                v: &mut cache.v[l],
+                append_idx: &append_idx,
+            });
+            layer_forward(be, &cfg, lw, ws, rope.as_ref(), attend, l, 0, pending, false)?;
             pending = Some(lw.b_out.as_ref());
         }
         be.add_norm(
@@ -1631,113 +1775,4 @@ impl<B: Backend> ModelEngine<B> {
         self.note_memory();
         Ok(logits)
     }
-}
-
-/// One layer of a decode step: as [`layer_forward`], with the attention over the KV cache
-/// (`kernels/decode_attention.cu`) and the new keys/values appended to the cache after it.
-#[allow(clippy::too_many_arguments)]
-fn decode_layer_forward<B: Backend>(
-    be: &B,
-    cfg: &ModelConfig,
-    lw: &DevLayer<B>,
-    ws: &mut Workspace<B>,
-    rope: Option<&RopeTables<B>>,
-    s: &DecodeShape,
-    pending: Option<Option<&B::Buf<f16>>>,
-    cache: (&mut B::Buf<f16>, &mut B::Buf<f16>),
-    append_idx: &B::Buf<i32>,
-) -> Result<()> {
-    let (b, t) = (s.batch, s.n_new);
-    let rows = b * t;
-    let (d, hd) = (cfg.d_model, cfg.head_dim);
-    let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-    let qkv_w = q_dim + 2 * kv_dim;
-    let kind = norm_kind(cfg);
-    let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
-    let use_rope = cfg.arch == Arch::Llama;
-    let n_pos = rope.map_or(0, |r| r.n_positions);
-    let sv = &mut ws.saved[0];
-    be.add_norm(
-        &norm_p,
-        NormBufs {
-            x: &mut ws.x,
-            y: pending.map(|_| &ws.y),
-            y_bias: pending.flatten(),
-            w: &lw.attn_norm_w,
-            b: lw.attn_norm_b.as_ref(),
-            x_save: None,
-            h: &mut ws.h,
-            mean: Some(&mut sv.attn_mean),
-            rstd: &mut sv.attn_rstd,
-        },
-    )?;
-    be.gemm_a_bt(rows, qkv_w, d, &ws.h, &lw.wqkv, &mut ws.qkv)?;
-    let parts: [(usize, usize, bool, &mut B::Buf<f16>); 3] = [
-        (0, cfg.n_heads, use_rope, &mut sv.q),
-        (q_dim, cfg.n_kv_heads, use_rope, &mut sv.k),
-        (q_dim + kv_dim, cfg.n_kv_heads, false, &mut sv.v),
-    ];
-    for (i, (col, heads, rot, dst)) in parts.into_iter().enumerate() {
-        let hp = ops::heads_params(b, t, heads, hd, qkv_w, col, rot, n_pos)?;
-        let bias = lw.bqkv.as_ref().map(|bs| &bs[i]);
-        let rope_bufs = rot.then(|| {
-            let r = rope.expect("RoPE tables");
-            RopeBufs {
-                pos_offset: &ws.pos_offset,
-                cos: &r.cos,
-                sin: &r.sin,
-            }
-        });
-        be.rows_to_heads(&hp, &ws.qkv, bias, rope_bufs, dst)?;
-    }
-    let (ck, cv) = cache;
-    be.decode_attn(
-        s,
-        attn_scale(cfg),
-        DecodeBufs {
-            q: &sv.q,
-            k_new: &sv.k,
-            v_new: &sv.v,
-            cache_k: ck,
-            cache_v: cv,
-        },
-        &ws.prefix_index,
-        &ws.valid_len,
-        &mut sv.o,
-    )?;
-    let ap = ops::rows_params(b * s.kv_heads * t, hd)?;
-    let cache_rows = b * s.kv_heads * s.capacity;
-    be.scatter_rows(&ap, cache_rows, &sv.k, append_idx, ck)?;
-    be.scatter_rows(&ap, cache_rows, &sv.v, append_idx, cv)?;
-    let op = ops::heads_params(b, t, cfg.n_heads, hd, q_dim, 0, false, 0)?;
-    be.heads_to_rows(&op, &sv.o, None, &mut ws.o_rows)?;
-    be.gemm_a_bt(rows, d, q_dim, &ws.o_rows, &lw.wo, &mut ws.y)?;
-
-    be.add_norm(
-        &norm_p,
-        NormBufs {
-            x: &mut ws.x,
-            y: Some(&ws.y),
-            y_bias: lw.bo.as_ref(),
-            w: &lw.mlp_norm_w,
-            b: lw.mlp_norm_b.as_ref(),
-            x_save: None,
-            h: &mut ws.h,
-            mean: Some(&mut sv.mlp_mean),
-            rstd: &mut sv.mlp_rstd,
-        },
-    )?;
-    let act_p = ops::act_params(rows, cfg.d_ff)?;
-    match cfg.arch {
-        Arch::Gpt2 => {
-            be.gemm_a_bt(rows, cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
-            be.gelu_fwd(&act_p, &mut sv.a, lw.b_in.as_ref(), &mut ws.act)?;
-        }
-        Arch::Llama => {
-            be.gemm_a_bt(rows, 2 * cfg.d_ff, d, &ws.h, &lw.w_in, &mut sv.a)?;
-            be.swiglu_fwd(&act_p, &sv.a, &mut ws.act)?;
-        }
-    }
-    be.gemm_a_bt(rows, d, cfg.d_ff, &ws.act, &lw.w_out, &mut ws.y)?;
-    Ok(())
 }

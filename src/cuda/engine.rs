@@ -1696,7 +1696,10 @@ impl<B: Backend> ModelEngine<B> {
         be.write("uploading token ids", &toks, &mut ws.tokens)?;
         be.write("uploading position offsets", &offsets, &mut ws.pos_offset)?;
         be.write("uploading new-token counts", &new_i, &mut ws.valid_len)?;
-        match (&prefill_shape, prefill_bank.as_ref().and_then(Option::as_ref)) {
+        match (
+            &prefill_shape,
+            prefill_bank.as_ref().and_then(Option::as_ref),
+        ) {
             (Some(s), Some(bank)) if s.prefix > 0 => {
                 // The fused kernel: each sequence's prefix index, -1 for none.
                 let index: Vec<usize> = cache
@@ -1712,9 +1715,11 @@ impl<B: Backend> ModelEngine<B> {
                     be.write("uploading prefix values", &to_f16(&bank.v[l]), bv)?;
                 }
             }
-            (Some(_), _) => {
-                be.write("uploading prefix indices", &vec![0; b], &mut ws.prefix_index)?
-            }
+            (Some(_), _) => be.write(
+                "uploading prefix indices",
+                &vec![0; b],
+                &mut ws.prefix_index,
+            )?,
             (None, _) => be.write("uploading cache lengths", &past_i, &mut ws.prefix_index)?,
         }
         // Where each new key/value row goes in the cache (padding rows land past the sequence's
@@ -1750,7 +1755,18 @@ impl<B: Backend> ModelEngine<B> {
                 v: &mut cache.v[l],
                 append_idx: &append_idx,
             });
-            layer_forward(be, &cfg, lw, ws, rope.as_ref(), attend, l, 0, pending, false)?;
+            layer_forward(
+                be,
+                &cfg,
+                lw,
+                ws,
+                rope.as_ref(),
+                attend,
+                l,
+                0,
+                pending,
+                false,
+            )?;
             pending = Some(lw.b_out.as_ref());
         }
         be.add_norm(

@@ -3,8 +3,9 @@
 //! weight rounding: per-sequence losses (rel ≤ 1e-2), the prefix gradient (cosine ≥ 0.999 and
 //! rel ≤ 2e-2), a mixed-prefix batch against the same sequences one prefix at a time, and a short
 //! training run whose loss curve tracks the CPU's. Models: GPT-2- and Llama-shaped random models
-//! with head dim 64 (the fused kernels support 64 and 128), and SmolLM2-135M (the real GGUF when
-//! it is in the cache, else random weights of its shape).
+//! with head dim 64 (the fused kernels support 64 and 128), and SmolLM2-135M on real text (the GGUF
+//! named by `PREFIX_TUNE_SMOLLM2_GGUF`, e.g. the first layers that the GPU check carries, else the
+//! full GGUF in the cache; random weights and tokens of its shape without either).
 //!
 //! The tiny fixtures (`tests/fixtures/{gpt2,llama}_tiny`, head dims 12 and 8) cannot run on the
 //! kernels: a test checks that the engine refuses them with a clear message (and runs without a
@@ -21,7 +22,7 @@ use std::sync::Arc;
 
 use prefix_tune::cuda::engine::CudaEngine;
 use prefix_tune::cuda::GpuContext;
-use prefix_tune::engine::{open_engine, CpuEngine, Device, Engine};
+use prefix_tune::engine::{open_engine, CpuEngine, Device, Engine, GradOverflow};
 use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
 use prefix_tune::model::load_model;
 use prefix_tune::prefix::PrefixBank;
@@ -80,9 +81,15 @@ fn compare_case(
     let (want, want_g) = cpu
         .loss_and_grad(prefix, batch, opts)
         .expect("CPU loss_and_grad");
-    let (got, got_g) = gpu
-        .loss_and_grad(prefix, batch, opts)
-        .expect("GPU loss_and_grad");
+    // An fp16 overflow at the current loss scale skips the call (the scale is halved): retry.
+    let mut tries = 0;
+    let (got, got_g) = loop {
+        match gpu.loss_and_grad(prefix, batch, opts) {
+            Ok(r) => break r,
+            Err(e) if tries < 8 && e.is::<GradOverflow>() => tries += 1,
+            Err(e) => panic!("{what}: GPU loss_and_grad: {e:#}"),
+        }
+    };
     let w64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let loss_err = rel_err(&w64(&got.loss_sum), &w64(&want.loss_sum));
     assert_eq!(got.n_targets, want.n_targets, "{what}: target counts");
@@ -110,11 +117,11 @@ fn compare_case(
     };
     println!(
         "  {what}: mean loss GPU {:.6} CPU {:.6}; loss rel err {loss_err:.2e}; grad rel err \
-         {grad_err:.2e}, cosine {cos:.6}; loss scale {} ({} overflow retries)",
+         {grad_err:.2e}, cosine {cos:.6}; loss scale {} ({} overflow skips)",
         got.mean_loss,
         want.mean_loss,
         gpu.loss_scale(),
-        gpu.overflow_retries()
+        gpu.overflow_skips()
     );
     assert!(
         loss_err <= LOSS_TOL,
@@ -291,8 +298,20 @@ fn training_run_tracks_the_cpu() {
     for engine in [&mut gpu as &mut dyn Engine, &mut cpu as &mut dyn Engine] {
         let mut bank = bank0.clone();
         let mut losses = Vec::new();
-        for _ in 0..20 {
-            let (out, g) = engine.loss_and_grad(&bank, &batch, &opts).unwrap();
+        for step in 0..20 {
+            // An fp16 overflow skips a step in training; here the step is redone at the
+            // lowered scale so both curves have 20 updates.
+            let mut tries = 0;
+            let (out, g) = loop {
+                match engine.loss_and_grad(&bank, &batch, &opts) {
+                    Ok(r) => break r,
+                    Err(e) if e.is::<GradOverflow>() && tries < 8 => {
+                        println!("  step {step}: {e}");
+                        tries += 1;
+                    }
+                    Err(e) => panic!("step {step}: {e:#}"),
+                }
+            };
             losses.push(out.mean_loss as f64);
             let mut flat = bank.to_flat();
             flat.iter_mut()
@@ -327,18 +346,38 @@ fn smollm2_loss_and_grad() {
     if common::gpu_or_skip(test).is_none() {
         return;
     }
-    let path = prefix_tune::assets::smollm2_gguf_path();
-    let (w, source) = if path.is_file() {
-        let m = load_model(&path).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
-        (m.weights, path.display().to_string())
-    } else {
-        let cfg = prefix_tune::reference::testing::smollm2_135m_config();
-        (
-            random_model(&cfg, 0.05, 7).cast::<f32>(),
-            "random weights of SmolLM2-135M's shape (the GGUF is not in the cache)".into(),
-        )
+    // Real weights when there are any: the GGUF named by PREFIX_TUNE_SMOLLM2_GGUF (scripts/gpu-check
+    // carries the first layers of the model there), else the full model in the cache.
+    let full_layers = prefix_tune::reference::testing::smollm2_135m_config().n_layers;
+    let path = std::env::var_os("PREFIX_TUNE_SMOLLM2_GGUF")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| Some(prefix_tune::assets::smollm2_gguf_path()).filter(|p| p.is_file()));
+    let (w, tokenizer, source) = match path {
+        Some(path) => {
+            let m =
+                load_model(&path).unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()));
+            let n = m.weights.config.n_layers;
+            let what = if n == full_layers {
+                format!("real SmolLM2 weights, all {n} layers")
+            } else {
+                format!("real SmolLM2 weights, {n} of {full_layers} layers")
+            };
+            let source = format!("{what} ({})", path.display());
+            (m.weights, Some(m.tokenizer), source)
+        }
+        None => {
+            let cfg = prefix_tune::reference::testing::smollm2_135m_config();
+            (
+                random_model(&cfg, 0.05, 7).cast::<f32>(),
+                None,
+                "random weights and tokens of SmolLM2-135M's shape (no GGUF: \
+                 PREFIX_TUNE_SMOLLM2_GGUF unset and none in the cache)"
+                    .into(),
+            )
+        }
     };
-    println!("{test}: {source}");
+    println!("{test}: weights: {source}");
     let w = Arc::new(w.rounded_to_f16());
     let Some(mut gpu) = gpu_engine_or_skip(test, w.clone()) else {
         return;
@@ -346,9 +385,34 @@ fn smollm2_loss_and_grad() {
     let mut cpu = CpuEngine::new(w.clone());
     let cfg = w.config.clone();
     let bank = bank_fp16(&random_bank(&cfg, 2, 10, 0.5, 8).cast::<f32>());
-    let batch = random_batch(&cfg, 2, 48, 2, 9);
+    // With the model's tokenizer: two chat prompt/answer pairs of different lengths (loss on the
+    // answers), one per prefix; else random tokens.
+    const PAIRS: [(&str, &str); 2] = [
+        (
+            "<|im_start|>user\nWhat is the capital of France, and what is it known for?\
+             <|im_end|>\n<|im_start|>assistant\n",
+            "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre and its \
+             cafés along the Seine.",
+        ),
+        (
+            "<|im_start|>user\nAdd 17 and 25.<|im_end|>\n<|im_start|>assistant\n",
+            "17 + 25 = 42.",
+        ),
+    ];
+    let batch = match &tokenizer {
+        Some(t) => {
+            let enc = |s: &str| {
+                t.encode(s)
+                    .unwrap_or_else(|e| panic!("encoding {s:?}: {e:#}"))
+            };
+            let pairs = PAIRS.map(|(i, o)| (enc(i), enc(o)));
+            let eos = t.eos_token_ids().first().copied();
+            Batch::from_pairs(&pairs, eos, eos.unwrap_or(0)).with_prefix_index(vec![0, 1])
+        }
+        None => random_batch(&cfg, 2, 48, 2, 9),
+    };
     let e = compare_case(
-        "SmolLM2 B=2 T=48 P=10",
+        &format!("SmolLM2 B=2 T={} P=10", batch.seq),
         &mut gpu,
         &mut cpu,
         &bank,
@@ -434,6 +498,8 @@ fn greedy_generation_equals_the_cpu() {
         let opts = RunOptions::default();
         let index = [Some(0), None, Some(1)];
         let mut ce = cpu.begin_decode(Some(&bank), &index, &opts).unwrap();
+        // A small headroom: the KV cache has to grow (twice) during the 16 steps.
+        gpu.set_decode_headroom(4);
         let mut ge = gpu.begin_decode(Some(&bank), &index, &opts).unwrap();
         let vocab = w.config.vocab_size;
         let mut feed: Vec<Vec<u32>> = vec![vec![3, 14, 15, 9, 2], vec![26, 5], vec![35, 8, 9]];

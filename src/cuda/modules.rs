@@ -24,3 +24,259 @@ pub const KERNELS_BUILT: bool = cfg!(prefix_tune_kernels);
 pub fn module(name: &str) -> Option<&'static KernelModule> {
     MODULES.iter().find(|m| m.name == name)
 }
+
+/// Every launch wrapper against the compiled kernels: the kernel names the wrappers use exist in
+/// the module they load them from, and the arguments each wrapper pushes (the table below, in
+/// the wrappers' order) match the kernel's parameter list in the PTX — count, kind, and the size
+/// and alignment of the by-value ABI struct. A GPU launch with a missing, extra or mis-sized
+/// argument is undefined behaviour that no CPU test would otherwise see.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::abi::*;
+    use std::collections::BTreeSet;
+    use std::mem::{align_of, size_of};
+
+    /// One kernel parameter, as a wrapper pushes it and as the PTX declares it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Arg {
+        /// A struct by value: (size, alignment).
+        Params(usize, usize),
+        /// A device pointer (`.u64`).
+        Ptr,
+        /// A 32-bit integer (`.u32` / `.s32`).
+        I32,
+    }
+
+    fn params<T>() -> Arg {
+        Arg::Params(size_of::<T>(), align_of::<T>())
+    }
+
+    fn ptrs(first: Arg, n: usize) -> Vec<Arg> {
+        std::iter::once(first)
+            .chain(std::iter::repeat(Arg::Ptr).take(n))
+            .collect()
+    }
+
+    /// (module, kernel, arguments pushed by its launch wrapper, in order).
+    fn launches() -> Vec<(&'static str, &'static str, Vec<Arg>)> {
+        let conv = params::<pt_convert_params>();
+        let adamw = params::<pt_adamw_params>();
+        let sgd = params::<pt_sgd_params>();
+        let red = params::<pt_reduce_params>();
+        let norm = params::<pt_norm_params>();
+        let act = params::<pt_act_params>();
+        let heads = params::<pt_heads_params>();
+        let rows = params::<pt_rows_params>();
+        let attn = params::<pt_attn_params>();
+        let ints = |n: usize, p: usize| {
+            let mut v = vec![Arg::I32; n];
+            v.extend(std::iter::repeat(Arg::Ptr).take(p));
+            v
+        };
+        vec![
+            // src/cuda/ops.rs
+            ("convert", "pt_f32_to_f16", ptrs(conv, 2)),
+            ("convert", "pt_f16_to_f32", ptrs(conv, 2)),
+            ("convert", "pt_f16_to_f32_scaled", ptrs(conv, 2)),
+            ("optim", "pt_adamw_step", ptrs(adamw, 4)),
+            ("optim", "pt_adamw_step_f16", ptrs(adamw, 5)),
+            ("optim", "pt_sgd_step", ptrs(sgd, 2)),
+            ("optim", "pt_sgd_step_f16", ptrs(sgd, 3)),
+            ("optim", "pt_sgd_momentum_step", ptrs(sgd, 3)),
+            ("optim", "pt_sgd_momentum_step_f16", ptrs(sgd, 4)),
+            ("optim", "pt_sum_squares_partial", ptrs(red, 2)),
+            ("optim", "pt_sum_squares_finish", ptrs(red, 2)),
+            // src/cuda/model_ops.rs
+            (
+                "embedding",
+                "pt_embedding_fwd",
+                ptrs(params::<pt_embedding_params>(), 5),
+            ),
+            ("norm", "pt_add_norm_fwd", ptrs(norm, 9)),
+            ("norm", "pt_norm_bwd", ptrs(norm, 7)),
+            ("activation", "pt_gelu_fwd", ptrs(act, 3)),
+            ("activation", "pt_gelu_bwd", ptrs(act, 3)),
+            ("activation", "pt_swiglu_fwd", ptrs(act, 2)),
+            ("activation", "pt_swiglu_bwd", ptrs(act, 3)),
+            ("rope", "pt_rows_to_heads", ptrs(heads, 6)),
+            ("rope", "pt_heads_to_rows", ptrs(heads, 5)),
+            ("cross_entropy", "pt_gather_rows", ptrs(rows, 3)),
+            ("cross_entropy", "pt_scatter_rows", ptrs(rows, 3)),
+            (
+                "cross_entropy",
+                "pt_cross_entropy",
+                ptrs(params::<pt_ce_params>(), 3),
+            ),
+            // src/cuda/decode.rs
+            (
+                "decode_attention",
+                "pt_decode_attention",
+                ptrs(params::<pt_decode_params>(), 8),
+            ),
+            // src/cuda/attention.rs
+            ("prefix_attention", "prefix_attn_fwd_d64", ptrs(attn, 9)),
+            ("prefix_attention", "prefix_attn_fwd_d128", ptrs(attn, 9)),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_preprocess",
+                ptrs(attn, 5),
+            ),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_dkdv_d64",
+                ptrs(attn, 15),
+            ),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_dkdv_d128",
+                ptrs(attn, 15),
+            ),
+            ("prefix_attention", "prefix_attn_bwd_dq_d64", ptrs(attn, 11)),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_dq_d128",
+                ptrs(attn, 11),
+            ),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_dq_convert",
+                ptrs(attn, 2),
+            ),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_prefix_reduce",
+                ptrs(attn, 5),
+            ),
+            // src/cuda/reparam.rs: m, n, k, ta, tb, epilogue; a, b, bias, h, c / rows, cols; x, out
+            ("reparam", "pt_reparam_gemm", ints(6, 5)),
+            ("reparam", "pt_reparam_col_sum", ints(2, 2)),
+        ]
+    }
+
+    /// The parameter list of `.entry name(...)` in `ptx`.
+    fn ptx_params(ptx: &str, name: &str) -> Option<Vec<Arg>> {
+        let start = ptx.find(&format!(".entry {name}("))? + ".entry ".len() + name.len() + 1;
+        let end = start + ptx[start..].find(')')?;
+        let list = ptx[start..end].trim();
+        if list.is_empty() {
+            return Some(Vec::new());
+        }
+        list.split(',')
+            .map(|p| {
+                let words: Vec<&str> = p.split_whitespace().collect();
+                if let Some(b8) = words.iter().position(|w| *w == ".b8") {
+                    let align = words
+                        .iter()
+                        .position(|w| *w == ".align")
+                        .and_then(|i| words.get(i + 1))
+                        .and_then(|a| a.parse().ok())?;
+                    let decl = words.get(b8 + 1)?;
+                    let size = decl[decl.find('[')? + 1..decl.find(']')?].parse().ok()?;
+                    Some(Arg::Params(size, align))
+                } else if words.contains(&".u64") {
+                    Some(Arg::Ptr)
+                } else if words.contains(&".u32") || words.contains(&".s32") {
+                    Some(Arg::I32)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_wrapper_pushes_the_kernels_parameter_list() {
+        if !KERNELS_BUILT {
+            eprintln!("SKIP: built without nvcc, no kernels embedded");
+            return;
+        }
+        let table = launches();
+        for (module_name, kernel, pushed) in &table {
+            let m = module(module_name)
+                .unwrap_or_else(|| panic!("no embedded module {module_name} (for {kernel})"));
+            assert!(
+                m.entries.contains(kernel),
+                "{module_name}: ptxas reported no kernel {kernel}"
+            );
+            let declared = ptx_params(m.ptx, kernel).unwrap_or_else(|| {
+                panic!("{module_name}: cannot read the PTX parameters of {kernel}")
+            });
+            assert_eq!(
+                &declared, pushed,
+                "{module_name}::{kernel}: the PTX parameter list differs from what its wrapper pushes"
+            );
+        }
+        // Every compiled kernel has a wrapper in the table (a new kernel gets a row).
+        let listed: BTreeSet<(&str, &str)> = table.iter().map(|(m, k, _)| (*m, *k)).collect();
+        for m in MODULES {
+            for e in m.entries {
+                assert!(
+                    listed.contains(&(m.name, *e)),
+                    "kernel {}::{e} has no row in the launch table",
+                    m.name
+                );
+            }
+        }
+    }
+
+    /// Kernel-name string literals of a wrapper's source, and the modules it loads them from.
+    fn literals(src: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut kernels = BTreeSet::new();
+        let mut modules = BTreeSet::new();
+        for (i, _) in src.match_indices('"') {
+            let rest = &src[i + 1..];
+            let Some(end) = rest.find('"') else { continue };
+            let lit = &rest[..end];
+            let is_name = !lit.is_empty()
+                && lit
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if is_name && (lit.starts_with("pt_") || lit.starts_with("prefix_attn_")) {
+                kernels.insert(lit.to_string());
+            }
+            let before = &src[..i];
+            if is_name
+                && (before.ends_with("function(") || before.ends_with("const MODULE: &str = "))
+            {
+                modules.insert(lit.to_string());
+            }
+        }
+        (kernels, modules)
+    }
+
+    #[test]
+    fn every_kernel_name_in_the_wrappers_is_compiled_in_its_module() {
+        if !KERNELS_BUILT {
+            eprintln!("SKIP: built without nvcc, no kernels embedded");
+            return;
+        }
+        let sources = [
+            ("ops.rs", include_str!("ops.rs")),
+            ("model_ops.rs", include_str!("model_ops.rs")),
+            ("attention.rs", include_str!("attention.rs")),
+            ("decode.rs", include_str!("decode.rs")),
+            ("reparam.rs", include_str!("reparam.rs")),
+        ];
+        let mut named = 0;
+        for (file, src) in sources {
+            let (kernels, modules) = literals(src);
+            assert!(!modules.is_empty(), "{file}: found no module name");
+            for k in &kernels {
+                let found = modules
+                    .iter()
+                    .any(|m| module(m).is_some_and(|m| m.entries.contains(&k.as_str())));
+                assert!(
+                    found,
+                    "{file} names kernel {k:?}, which none of its modules {modules:?} defines"
+                );
+                named += 1;
+            }
+        }
+        let compiled: usize = MODULES.iter().map(|m| m.entries.len()).sum();
+        assert!(
+            named >= compiled,
+            "the wrappers name {named} kernels, the build compiles {compiled}"
+        );
+    }
+}

@@ -150,6 +150,12 @@ impl GpuContext {
             .modules
             .get_key_value(module)
             .ok_or_else(|| anyhow!("no kernel module named {module:?} in this build"))?;
+        // The caller may be on another thread than the one that opened the context: make it
+        // current, so that cuModuleGetFunction here and cuFuncSetAttribute in the callers
+        // (neither of which cudarc binds itself) run against this device.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("making the CUDA context current: {e:?}"))?;
         let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = cache.get(&(key, name.to_string())) {
             return Ok(f.clone());

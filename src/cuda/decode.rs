@@ -67,6 +67,7 @@ pub fn decode_params(s: &DecodeShape, scale: f32) -> Result<pt_decode_params> {
         );
     }
     i32_of("cache elements", s.cache_len())?;
+    check_grid(s)?;
     Ok(pt_decode_params {
         batch: i32_of("batch", s.batch)?,
         q_heads: i32_of("query heads", s.q_heads)?,
@@ -132,6 +133,32 @@ pub fn check_bufs(s: &DecodeShape, lens: [usize; 5], o_len: usize) -> Result<()>
     check_len("attention output", o_len, s.q_len())
 }
 
+/// CUDA caps grid.y and grid.z at 65535: the decode grid `(T, Hq, B)` refuses more query heads
+/// or sequences with a clear error (the launch would fail with `CUDA_ERROR_INVALID_VALUE`).
+fn check_grid(s: &DecodeShape) -> Result<()> {
+    const MAX_GRID_YZ: usize = 65535;
+    if s.q_heads > MAX_GRID_YZ || s.batch > MAX_GRID_YZ {
+        bail!(
+            "decode attention: {} sequences x {} query heads exceed the launch grid's limit of \
+             {MAX_GRID_YZ} each (decode fewer sequences at a time)",
+            s.batch,
+            s.q_heads
+        );
+    }
+    i32_of("new tokens", s.n_new).map(|_| ())
+}
+
+/// The launch shape of abi/decode.h, as the host emulation uses it: grid `(T, Hq, B)`, one warp
+/// per query row, no shared memory.
+pub fn launch_config(s: &DecodeShape) -> Result<LaunchConfig> {
+    check_grid(s)?;
+    Ok(LaunchConfig {
+        grid_dim: (s.n_new as u32, s.q_heads as u32, s.batch as u32),
+        block_dim: (PT_DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// Launches the decode attention on the GPU. `past`/`n_new` are device copies of host arrays the
 /// caller checked with [`check_lengths`].
 #[allow(clippy::too_many_arguments)]
@@ -172,13 +199,50 @@ pub fn forward(
         .arg(past)
         .arg(n_new)
         .arg(o);
-    let cfg = LaunchConfig {
-        grid_dim: (s.n_new as u32, s.q_heads as u32, s.batch as u32),
-        block_dim: (PT_DECODE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config(s)?;
     // SAFETY: buffer lengths checked against the shape; the caller checked past/n_new.
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("launching pt_decode_attention: {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, q_heads: usize, n_new: usize) -> DecodeShape {
+        DecodeShape {
+            batch,
+            q_heads,
+            kv_heads: 1,
+            head_dim: 64,
+            n_new,
+            capacity: 8,
+        }
+    }
+
+    #[test]
+    fn launch_is_one_warp_per_query_row() {
+        let s = shape(3, 9, 5);
+        let c = launch_config(&s).unwrap();
+        // abi/decode.h: grid (T, Hq, B), PT_DECODE_THREADS threads, no shared memory; the kernel
+        // reads t, h, b from blockIdx.x, .y, .z and assumes a single warp.
+        assert_eq!(c.grid_dim, (5, 9, 3));
+        assert_eq!(c.block_dim, (32, 1, 1));
+        assert_eq!(PT_DECODE_THREADS, 32);
+        assert_eq!(c.shared_mem_bytes, 0);
+        let blocks = (c.grid_dim.0 * c.grid_dim.1 * c.grid_dim.2) as usize;
+        assert_eq!(blocks * s.head_dim, s.q_len(), "one block per output row");
+    }
+
+    #[test]
+    fn grid_limits_are_an_error_not_a_failed_launch() {
+        assert!(launch_config(&shape(65535, 9, 1)).is_ok());
+        let e = launch_config(&shape(65536, 9, 1)).unwrap_err().to_string();
+        assert!(e.contains("65535"), "{e}");
+        assert!(launch_config(&shape(1, 65536, 1)).is_err());
+        // The parameter builder (shared with the host emulation) refuses the same shapes.
+        assert!(decode_params(&shape(65535, 1, 1), 0.125).is_ok());
+        assert!(decode_params(&shape(65536, 1, 1), 0.125).is_err());
+    }
 }

@@ -176,9 +176,19 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     what: &str,
     len: usize,
 ) -> Result<CudaSlice<T>> {
-    gpu.stream()
-        .alloc_zeros::<T>(len.max(1))
-        .map_err(|e| anyhow::anyhow!("allocating {what} ({len} elements): {e:?}"))
+    gpu.stream().alloc_zeros::<T>(len.max(1)).map_err(|e| {
+        let oom = e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+        anyhow::anyhow!(
+            "allocating the attention {what} ({:.1} MiB) failed: {e:?}{}",
+            (len.max(1) * std::mem::size_of::<T>()) as f64 / (1u64 << 20) as f64,
+            if oom {
+                " (out of GPU memory: reduce the batch size (--batch-size) or the sequence \
+                 length (--max-len), or use --device cpu)"
+            } else {
+                ""
+            }
+        )
+    })
 }
 
 impl AttnWorkspace {
@@ -241,25 +251,34 @@ fn check_inputs(s: &AttnShape, inp: &DevAttnInputs<'_>) -> Result<()> {
 }
 
 /// Kernel `name`, allowed `smem` bytes of dynamic shared memory (the opt-in above 48 KB).
-fn kernel(gpu: &GpuContext, name: &str, smem: u32) -> Result<CudaFunction> {
+fn kernel(gpu: &GpuContext, l: &Launch) -> Result<CudaFunction> {
+    let (name, smem) = (l.kernel, l.smem);
     let f = gpu.function(MODULE, name)?;
-    if smem > 48 * 1024 {
+    if smem > DEFAULT_SMEM_LIMIT {
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
         )
         .map_err(|e| {
-            anyhow::anyhow!("{name}: the device refuses {smem} B of shared memory per block: {e:?}")
+            let hint = if name.contains("bwd_dq_d") {
+                " (the deterministic backward's dQ kernel; the default, atomic backward needs less)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "{name} needs {smem} B of shared memory per block, which this GPU refuses{hint}: \
+                 {e:?}"
+            )
         })?;
     }
     Ok(f)
 }
 
-fn cfg(grid: (u32, u32), smem: u32) -> LaunchConfig {
+fn cfg(l: &Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
+        grid_dim: (l.grid.0, l.grid.1, 1),
         block_dim: (PT_ATTN_THREADS, 1, 1),
-        shared_mem_bytes: smem,
+        shared_mem_bytes: l.smem,
     }
 }
 
@@ -270,6 +289,102 @@ fn launched<T>(name: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<
 
 fn cdiv(a: usize, b: u32) -> u32 {
     a.div_ceil(b as usize) as u32
+}
+
+/// Dynamic shared memory up to which no opt-in is needed.
+pub const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
+
+/// One kernel launch of the family: its name (head-dim suffix included), grid `(x, y)` of
+/// `PT_ATTN_THREADS`-thread blocks and dynamic shared memory (above [`DEFAULT_SMEM_LIMIT`] the
+/// wrapper opts in with `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub grid: (u32, u32),
+    pub smem: u32,
+}
+
+/// The launches of a backward, in order (abi/attention.h; the host emulation's order and shapes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardLaunches {
+    pub preprocess: Launch,
+    pub dkdv: Launch,
+    /// `prefix_attn_bwd_dq_dD` (deterministic) or `prefix_attn_bwd_dq_convert` (atomic).
+    pub dq: Launch,
+    /// `None` without a prefix.
+    pub prefix_reduce: Option<Launch>,
+}
+
+/// The forward's launch for a shape [`attn_params`] accepted (head dim 64 or 128).
+pub fn forward_launch(s: &AttnShape) -> Launch {
+    let (kernel, smem) = match s.head_dim {
+        64 => ("prefix_attn_fwd_d64", PT_ATTN_FWD_SMEM_D64),
+        _ => ("prefix_attn_fwd_d128", PT_ATTN_FWD_SMEM_D128),
+    };
+    Launch {
+        kernel,
+        grid: (
+            cdiv(s.seq, PT_ATTN_FWD_BLOCK_M),
+            (s.batch * s.q_heads) as u32,
+        ),
+        smem,
+    }
+}
+
+/// The backward's launches for a shape [`attn_params`] accepted.
+pub fn backward_launches(s: &AttnShape, deterministic: bool) -> BackwardLaunches {
+    let bh = (s.batch * s.q_heads) as u32;
+    let d64 = s.head_dim == 64;
+    let dq = if deterministic {
+        Launch {
+            kernel: if d64 {
+                "prefix_attn_bwd_dq_d64"
+            } else {
+                "prefix_attn_bwd_dq_d128"
+            },
+            grid: (cdiv(s.seq, PT_ATTN_FWD_BLOCK_M), bh),
+            smem: if d64 {
+                PT_ATTN_DQ_SMEM_D64
+            } else {
+                PT_ATTN_DQ_SMEM_D128
+            },
+        }
+    } else {
+        Launch {
+            kernel: "prefix_attn_bwd_dq_convert",
+            grid: (cdiv(s.q_len(), PT_ATTN_THREADS * 4), 1),
+            smem: 0,
+        }
+    };
+    BackwardLaunches {
+        preprocess: Launch {
+            kernel: "prefix_attn_bwd_preprocess",
+            grid: (cdiv(s.seq, PT_ATTN_PRE_ROWS), bh),
+            smem: 0,
+        },
+        dkdv: Launch {
+            kernel: if d64 {
+                "prefix_attn_bwd_dkdv_d64"
+            } else {
+                "prefix_attn_bwd_dkdv_d128"
+            },
+            grid: (
+                cdiv(s.prefix, PT_ATTN_BWD_BLOCK_N) + cdiv(s.seq, PT_ATTN_BWD_BLOCK_N),
+                (s.batch * s.kv_heads) as u32,
+            ),
+            smem: if d64 {
+                PT_ATTN_DKDV_SMEM_D64
+            } else {
+                PT_ATTN_DKDV_SMEM_D128
+            },
+        },
+        dq,
+        prefix_reduce: (s.prefix > 0 && s.n_prefixes > 0).then(|| Launch {
+            kernel: "prefix_attn_bwd_prefix_reduce",
+            grid: (cdiv(s.bank_len(), PT_ATTN_THREADS), 1),
+            smem: 0,
+        }),
+    }
 }
 
 /// Forward on the GPU: writes `o` (`[B,Hq,T,D]` fp16) and `lse` (`[B,Hq,T]`, natural log; 0 on
@@ -286,15 +401,8 @@ pub fn forward(
     check_inputs(s, inp)?;
     check_len("o", o.len(), s.q_len())?;
     check_len("lse", lse.len(), s.lse_len())?;
-    let (name, smem) = match s.head_dim {
-        64 => ("prefix_attn_fwd_d64", PT_ATTN_FWD_SMEM_D64),
-        _ => ("prefix_attn_fwd_d128", PT_ATTN_FWD_SMEM_D128),
-    };
-    let f = kernel(gpu, name, smem)?;
-    let grid = (
-        cdiv(s.seq, PT_ATTN_FWD_BLOCK_M),
-        (s.batch * s.q_heads) as u32,
-    );
+    let l = forward_launch(s);
+    let f = kernel(gpu, &l)?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&p)
         .arg(inp.q)
@@ -307,7 +415,7 @@ pub fn forward(
         .arg(o)
         .arg(lse);
     // SAFETY: buffer lengths checked against the shape; indices checked by upload_indices.
-    launched(name, unsafe { b.launch(cfg(grid, smem)) })
+    launched(l.kernel, unsafe { b.launch(cfg(&l)) })
 }
 
 /// Backward on the GPU from the forward's `o`, `lse` and the output gradient `d_o`: writes every
@@ -342,12 +450,12 @@ pub fn backward(
     check_len("dv", grads.dv.len(), s.kv_len())?;
     check_len("d_prefix_k", grads.d_prefix_k.len(), s.bank_len())?;
     check_len("d_prefix_v", grads.d_prefix_v.len(), s.bank_len())?;
-    let bh = (s.batch * s.q_heads) as u32;
+    let plan = backward_launches(s, deterministic);
     let stream = gpu.stream();
 
     // 1. delta = rowsum(dO * O); zero the dQ accumulator.
-    let name = "prefix_attn_bwd_preprocess";
-    let f = kernel(gpu, name, 0)?;
+    let l = plan.preprocess;
+    let f = kernel(gpu, &l)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&p)
         .arg(inp.valid_len)
@@ -356,20 +464,11 @@ pub fn backward(
         .arg(&mut ws.delta)
         .arg(&mut ws.dq_accum);
     // SAFETY: lengths checked above.
-    launched(name, unsafe {
-        b.launch(cfg((cdiv(s.seq, PT_ATTN_PRE_ROWS), bh), 0))
-    })?;
+    launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
 
     // 2. dK, dV, prefix partials (and dQ atomics).
-    let (name, smem) = match s.head_dim {
-        64 => ("prefix_attn_bwd_dkdv_d64", PT_ATTN_DKDV_SMEM_D64),
-        _ => ("prefix_attn_bwd_dkdv_d128", PT_ATTN_DKDV_SMEM_D128),
-    };
-    let f = kernel(gpu, name, smem)?;
-    let grid = (
-        cdiv(s.prefix, PT_ATTN_BWD_BLOCK_N) + cdiv(s.seq, PT_ATTN_BWD_BLOCK_N),
-        (s.batch * s.kv_heads) as u32,
-    );
+    let l = plan.dkdv;
+    let f = kernel(gpu, &l)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&p)
         .arg(inp.q)
@@ -388,15 +487,12 @@ pub fn backward(
         .arg(&mut grads.dk)
         .arg(&mut grads.dv);
     // SAFETY: lengths checked above.
-    launched(name, unsafe { b.launch(cfg(grid, smem)) })?;
+    launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
 
     // 3. dQ.
+    let l = plan.dq;
+    let f = kernel(gpu, &l)?;
     if deterministic {
-        let (name, smem) = match s.head_dim {
-            64 => ("prefix_attn_bwd_dq_d64", PT_ATTN_DQ_SMEM_D64),
-            _ => ("prefix_attn_bwd_dq_d128", PT_ATTN_DQ_SMEM_D128),
-        };
-        let f = kernel(gpu, name, smem)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
             .arg(inp.q)
@@ -410,23 +506,18 @@ pub fn backward(
             .arg(d_o)
             .arg(&ws.delta)
             .arg(&mut grads.dq);
-        let grid = (cdiv(s.seq, PT_ATTN_FWD_BLOCK_M), bh);
         // SAFETY: lengths checked above.
-        launched(name, unsafe { b.launch(cfg(grid, smem)) })?;
+        launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
     } else {
-        let name = "prefix_attn_bwd_dq_convert";
-        let f = kernel(gpu, name, 0)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&p).arg(&ws.dq_accum).arg(&mut grads.dq);
-        let grid = (cdiv(s.q_len(), PT_ATTN_THREADS * 4), 1);
         // SAFETY: lengths checked above.
-        launched(name, unsafe { b.launch(cfg(grid, 0)) })?;
+        launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
     }
 
     // 4. Prefix gradients: sum of the partials over the sequences using each prefix.
-    if s.prefix > 0 && s.n_prefixes > 0 {
-        let name = "prefix_attn_bwd_prefix_reduce";
-        let f = kernel(gpu, name, 0)?;
+    if let Some(l) = plan.prefix_reduce {
+        let f = kernel(gpu, &l)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
             .arg(inp.prefix_index)
@@ -434,9 +525,191 @@ pub fn backward(
             .arg(&ws.dpv_partial)
             .arg(&mut grads.d_prefix_k)
             .arg(&mut grads.d_prefix_v);
-        let grid = (cdiv(s.bank_len(), PT_ATTN_THREADS), 1);
         // SAFETY: lengths checked above.
-        launched(name, unsafe { b.launch(cfg(grid, 0)) })?;
+        launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::abi::{PT_ATTN_BWD_BLOCK_N, PT_ATTN_FWD_BLOCK_M};
+
+    fn shapes() -> Vec<AttnShape> {
+        let mut v = Vec::new();
+        for &head_dim in &SUPPORTED_HEAD_DIMS {
+            for &seq in &[1, 63, 64, 65, 200] {
+                for &prefix in &[0, 1, 64, 100] {
+                    v.push(AttnShape {
+                        batch: 3,
+                        q_heads: 6,
+                        kv_heads: 2,
+                        seq,
+                        prefix,
+                        head_dim,
+                        n_prefixes: if prefix > 0 { 2 } else { 0 },
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    /// Rows `0..n` covered by the blocks of a launch, each block covering `rows(block)`: every
+    /// row exactly once, and no block without a row.
+    fn assert_exact_cover(what: &str, n: usize, blocks: u32, rows: impl Fn(u32) -> Vec<usize>) {
+        let mut seen = vec![0u32; n];
+        for x in 0..blocks {
+            let r: Vec<usize> = rows(x).into_iter().filter(|&r| r < n).collect();
+            assert!(
+                !r.is_empty(),
+                "{what}: block {x} of {blocks} has no row of {n}"
+            );
+            for i in r {
+                seen[i] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "{what}: rows covered {seen:?} times"
+        );
+    }
+
+    /// The query blocks of the forward and the deterministic dQ kernel: block x holds rows
+    /// m0 .. m0 + BM with m0 = (gridDim.x - 1 - x) * BM (the longest rows first).
+    fn query_blocks(grid_x: u32) -> impl Fn(u32) -> Vec<usize> {
+        move |x| {
+            let m0 = ((grid_x - 1 - x) * PT_ATTN_FWD_BLOCK_M) as usize;
+            (m0..m0 + PT_ATTN_FWD_BLOCK_M as usize).collect()
+        }
+    }
+
+    #[test]
+    fn launches_cover_every_query_row_and_key_once() {
+        for s in shapes() {
+            attn_params(&s, 0.125, false).unwrap();
+            let bh = (s.batch * s.q_heads) as u32;
+            let f = forward_launch(&s);
+            assert_eq!(f.grid.1, bh, "{s:?}");
+            assert_exact_cover("forward", s.seq, f.grid.0, query_blocks(f.grid.0));
+            for det in [false, true] {
+                let b = backward_launches(&s, det);
+                let pre = b.preprocess;
+                assert_eq!(pre.grid.1, bh);
+                assert_exact_cover("preprocess", s.seq, pre.grid.0, |x| {
+                    let r0 = (x * PT_ATTN_PRE_ROWS) as usize;
+                    (r0..r0 + PT_ATTN_PRE_ROWS as usize).collect()
+                });
+                // dK/dV: the kernel takes blocks x < ceil(P / BN) as prefix key blocks, the
+                // others as sequence key blocks; every prefix key and sequence key once.
+                let kv = b.dkdv;
+                assert_eq!(kv.grid.1, (s.batch * s.kv_heads) as u32);
+                let bn = PT_ATTN_BWD_BLOCK_N as usize;
+                let n_pre = s.prefix.div_ceil(bn);
+                let keys = |x: u32| -> Vec<usize> {
+                    let x = x as usize;
+                    if x < n_pre {
+                        (x * bn..(x + 1) * bn).filter(|&k| k < s.prefix).collect()
+                    } else {
+                        let n0 = (x - n_pre) * bn;
+                        (n0..n0 + bn)
+                            .filter(|&k| k < s.seq)
+                            .map(|k| s.prefix + k)
+                            .collect()
+                    }
+                };
+                assert_exact_cover("dK/dV keys", s.prefix + s.seq, kv.grid.0, keys);
+                if det {
+                    assert_eq!(b.dq.grid.1, bh);
+                    assert_exact_cover("dQ", s.seq, b.dq.grid.0, query_blocks(b.dq.grid.0));
+                } else {
+                    assert_eq!(b.dq.kernel, "prefix_attn_bwd_dq_convert");
+                    assert_eq!(b.dq.grid.1, 1);
+                    let per = (PT_ATTN_THREADS * 4) as usize;
+                    assert_exact_cover("dQ convert", s.q_len(), b.dq.grid.0, |x| {
+                        (x as usize * per..(x as usize + 1) * per).collect()
+                    });
+                }
+                match b.prefix_reduce {
+                    None => assert_eq!(s.prefix, 0, "{s:?}: no prefix reduction"),
+                    Some(r) => {
+                        let per = PT_ATTN_THREADS as usize;
+                        assert_exact_cover("prefix reduce", s.bank_len(), r.grid.0, |x| {
+                            (x as usize * per..(x as usize + 1) * per).collect()
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn launches_use_the_head_dims_kernel_and_shared_memory() {
+        for s in shapes() {
+            let d = s.head_dim;
+            let b = backward_launches(&s, true);
+            let per_d = [forward_launch(&s), b.dkdv, b.dq];
+            for l in per_d {
+                assert!(
+                    l.kernel.ends_with(&format!("_d{d}")),
+                    "{} for head dim {d}",
+                    l.kernel
+                );
+            }
+            let (fwd, dkdv, dq) = if d == 64 {
+                (
+                    PT_ATTN_FWD_SMEM_D64,
+                    PT_ATTN_DKDV_SMEM_D64,
+                    PT_ATTN_DQ_SMEM_D64,
+                )
+            } else {
+                (
+                    PT_ATTN_FWD_SMEM_D128,
+                    PT_ATTN_DKDV_SMEM_D128,
+                    PT_ATTN_DQ_SMEM_D128,
+                )
+            };
+            assert_eq!(per_d.map(|l| l.smem), [fwd, dkdv, dq]);
+            assert_eq!(b.preprocess.smem, 0);
+            let a = backward_launches(&s, false);
+            assert_eq!(a.dq.smem, 0);
+            // Every kernel named here is compiled into the module the wrapper loads from.
+            if crate::cuda::modules::KERNELS_BUILT {
+                let m = crate::cuda::modules::module(MODULE).expect("prefix_attention module");
+                let all = [Some(b.preprocess), Some(b.dkdv), Some(b.dq), Some(a.dq)]
+                    .into_iter()
+                    .chain([Some(forward_launch(&s)), b.prefix_reduce])
+                    .flatten();
+                for l in all {
+                    assert!(m.entries.contains(&l.kernel), "{} not compiled", l.kernel);
+                }
+            }
+        }
+        // The kernels above 48 KB (the wrapper opts in for them): every one but the D=64 forward.
+        assert!(PT_ATTN_FWD_SMEM_D64 <= DEFAULT_SMEM_LIMIT);
+        for big in [
+            PT_ATTN_FWD_SMEM_D128,
+            PT_ATTN_DQ_SMEM_D64,
+            PT_ATTN_DQ_SMEM_D128,
+            PT_ATTN_DKDV_SMEM_D64,
+            PT_ATTN_DKDV_SMEM_D128,
+        ] {
+            assert!(big > DEFAULT_SMEM_LIMIT);
+        }
+    }
+
+    #[test]
+    fn grid_y_limit_is_checked_before_any_launch() {
+        let mut s = shapes()[0];
+        s.q_heads = 6;
+        s.kv_heads = 2;
+        s.batch = 65535 / 6;
+        let ok = backward_launches(&s, true);
+        attn_params(&s, 0.125, true).unwrap();
+        assert!(ok.dq.grid.1 <= 65535 && ok.dkdv.grid.1 <= 65535);
+        s.batch += 1;
+        let e = attn_params(&s, 0.125, true).unwrap_err().to_string();
+        assert!(e.contains("65535"), "{e}");
+    }
 }

@@ -193,6 +193,25 @@ fn grid_stride(gpu: &GpuContext, work: usize) -> LaunchConfig {
     }
 }
 
+/// The norm kernels' launch (abi/model_ops.h): one warp per row, `PT_NORM_ROWS_PER_BLOCK` rows
+/// per block of `PT_NORM_THREADS` threads.
+pub fn norm_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(PT_NORM_ROWS_PER_BLOCK as usize) as u32, 1, 1),
+        block_dim: (PT_NORM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The cross-entropy's launch: one block per row, with the block reductions' scratch.
+pub fn ce_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (PT_CE_THREADS, 1, 1),
+        shared_mem_bytes: PT_CE_SMEM,
+    }
+}
+
 fn launched<T>(name: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<()> {
     r.map(|_| ())
         .map_err(|e| anyhow!("launching {name}: {e:?}"))
@@ -275,6 +294,10 @@ pub fn add_norm_forward(gpu: &GpuContext, p: &pt_norm_params, bufs: NormFwdBufs<
     if let Some(y) = bufs.y {
         check_len("y", y.len(), rows * d)?;
     }
+    if bufs.y_bias.is_some() && bufs.y.is_none() {
+        // The kernel would ignore it; refused like the host emulation does.
+        bail!("a bias without a branch output");
+    }
     if let Some(yb) = bufs.y_bias {
         check_len("y_bias", yb.len(), d)?;
     }
@@ -304,13 +327,8 @@ pub fn add_norm_forward(gpu: &GpuContext, p: &pt_norm_params, bufs: NormFwdBufs<
     b.arg(bufs.h);
     opt_arg_mut(&mut b, bufs.mean);
     b.arg(bufs.rstd);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(PT_NORM_ROWS_PER_BLOCK as usize) as u32, 1, 1),
-        block_dim: (PT_NORM_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: buffer lengths checked against `p` above.
-    launched("pt_add_norm_fwd", unsafe { b.launch(cfg) })
+    launched("pt_add_norm_fwd", unsafe { b.launch(norm_launch(rows)) })
 }
 
 /// Norm backward to the input, into the fp32 residual gradient `dx` (added when
@@ -350,13 +368,8 @@ pub fn norm_backward(
     opt_arg(&mut b, mean);
     b.arg(rstd).arg(dx);
     opt_arg_mut(&mut b, dx16);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(PT_NORM_ROWS_PER_BLOCK as usize) as u32, 1, 1),
-        block_dim: (PT_NORM_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: buffer lengths checked against `p` above.
-    launched("pt_norm_bwd", unsafe { b.launch(cfg) })
+    launched("pt_norm_bwd", unsafe { b.launch(norm_launch(rows)) })
 }
 
 /// `a += bias` (written back), `out = gelu_tanh(a)` over `[rows, width]`.
@@ -602,11 +615,46 @@ pub fn cross_entropy(
     let f = gpu.function("cross_entropy", "pt_cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(p).arg(logits).arg(targets).arg(loss);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (PT_CE_THREADS, 1, 1),
-        shared_mem_bytes: PT_CE_SMEM,
-    };
     // SAFETY: lengths checked above; targets out of range are handled in-kernel.
-    launched("pt_cross_entropy", unsafe { b.launch(cfg) })
+    launched("pt_cross_entropy", unsafe { b.launch(ce_launch(rows)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_launch_gives_every_row_one_warp() {
+        // The kernels' mapping (norm.cu): row = blockIdx.x * PT_NORM_ROWS_PER_BLOCK + warp.
+        assert_eq!(PT_NORM_THREADS, 32 * PT_NORM_ROWS_PER_BLOCK);
+        for rows in [1usize, 3, 4, 5, 127, 128, 1000] {
+            let c = norm_launch(rows);
+            assert_eq!(c.block_dim, (PT_NORM_THREADS, 1, 1));
+            assert_eq!(c.shared_mem_bytes, 0);
+            let mut seen = vec![0; rows];
+            for bx in 0..c.grid_dim.0 as usize {
+                let mut any = false;
+                for warp in 0..(c.block_dim.0 / 32) as usize {
+                    let row = bx * PT_NORM_ROWS_PER_BLOCK as usize + warp;
+                    if row < rows {
+                        seen[row] += 1;
+                        any = true;
+                    }
+                }
+                assert!(any, "rows {rows}: block {bx} has no row");
+            }
+            assert!(seen.iter().all(|&n| n == 1), "rows {rows}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_launch_has_the_block_reductions_scratch() {
+        let c = ce_launch(7);
+        assert_eq!(c.grid_dim, (7, 1, 1));
+        // block_lse (model_ops.cuh) keeps a max and a sum per warp: 2 x 32 floats, for a block
+        // of whole warps, at most 32 of them.
+        assert!(c.shared_mem_bytes as usize >= 2 * 32 * std::mem::size_of::<f32>());
+        assert_eq!(c.block_dim.0 % 32, 0);
+        assert!(c.block_dim.0 <= 1024);
+    }
 }

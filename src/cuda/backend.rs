@@ -362,12 +362,20 @@ impl Backend for GpuBackend {
                 .mem_get_info()
                 .map(|(f, t)| format!("{:.1} MiB free of {:.1} MiB", mib(f), mib(t)))
                 .unwrap_or_else(|_| "free memory unknown".into());
-            anyhow!(
-                "out of GPU memory? allocating {what} ({:.1} MiB) failed: {e:?} ({free}). Reduce \
-                 the batch size (--batch-size) or the sequence length (--max-len), or use \
-                 --device cpu",
-                mib(bytes)
-            )
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                anyhow!(
+                    "out of GPU memory: allocating {what} ({:.1} MiB) failed ({free}). Reduce \
+                     the batch size (--batch-size) or the sequence length (--max-len), or use \
+                     --device cpu",
+                    mib(bytes)
+                )
+            } else {
+                // Not a lack of memory: an earlier kernel's error surfacing here, say.
+                anyhow!(
+                    "allocating {what} ({:.1} MiB) on the GPU failed: {e:?} ({free})",
+                    mib(bytes)
+                )
+            }
         })
     }
 

@@ -10,6 +10,7 @@
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use crate::cuda::abi::PT_EW_THREADS;
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::emu::backend::EmuBackend;
 use crate::prefix::{Reparam, ReparamCache, ReparamGrads};
@@ -100,12 +101,17 @@ pub trait ReparamOps: Backend {
     fn col_sum(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
 }
 
-/// A grid-stride launch of 256-thread blocks over `work` items (at most 8 blocks per SM).
+/// A grid-stride launch of `PT_EW_THREADS`-thread blocks (the kernels' `__launch_bounds__`)
+/// over `work` items (at most 8 blocks per SM).
 fn grid(be: &GpuBackend, work: usize) -> LaunchConfig {
     let cap = (be.gpu.sm_count() * 8) as usize;
     LaunchConfig {
-        grid_dim: (work.div_ceil(256).clamp(1, cap) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (
+            work.div_ceil(PT_EW_THREADS as usize).clamp(1, cap) as u32,
+            1,
+            1,
+        ),
+        block_dim: (PT_EW_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
 }

@@ -687,7 +687,7 @@ mod tests {
             }
         }
         // The kernels above 48 KB (the wrapper opts in for them): every one but the D=64 forward.
-        assert!(PT_ATTN_FWD_SMEM_D64 <= DEFAULT_SMEM_LIMIT);
+        const { assert!(PT_ATTN_FWD_SMEM_D64 <= DEFAULT_SMEM_LIMIT) };
         for big in [
             PT_ATTN_FWD_SMEM_D128,
             PT_ATTN_DQ_SMEM_D64,

@@ -16,7 +16,8 @@
 //! for the next forward from them and checkpoints them). Device copies are re-uploaded only
 //! when the host values differ from what the device last returned (a resume, an outside change).
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::cuda::engine::ModelEngine;
@@ -61,6 +62,19 @@ pub trait OptimOps: Backend {
     fn sum_squares(&self, n: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
 }
 
+/// The leading `n` elements of a device buffer (an error, not cudarc's panic, past its end).
+fn head<'a>(what: &str, b: &'a CudaSlice<f32>, n: usize) -> Result<CudaView<'a, f32>> {
+    let len = b.len();
+    b.try_slice(..n)
+        .ok_or_else(|| anyhow!("{what}: {n} elements of a device buffer of {len}"))
+}
+
+fn head_mut<'a>(what: &str, b: &'a mut CudaSlice<f32>, n: usize) -> Result<CudaViewMut<'a, f32>> {
+    let len = b.len();
+    b.try_slice_mut(..n)
+        .ok_or_else(|| anyhow!("{what}: {n} elements of a device buffer of {len}"))
+}
+
 impl OptimOps for GpuBackend {
     fn adamw_step(
         &self,
@@ -80,10 +94,10 @@ impl OptimOps for GpuBackend {
             step,
             lr,
             grad_scale,
-            &mut param.slice_mut(..n),
-            &grad.slice(..n),
-            &mut m.slice_mut(..n),
-            &mut v.slice_mut(..n),
+            &mut head_mut("AdamW parameters", param, n)?,
+            &head("AdamW gradient", grad, n)?,
+            &mut head_mut("AdamW first moment", m, n)?,
+            &mut head_mut("AdamW second moment", v, n)?,
             None,
         )
     }
@@ -99,22 +113,29 @@ impl OptimOps for GpuBackend {
         grad: &Self::Buf<f32>,
         momentum_buf: Option<&mut Self::Buf<f32>>,
     ) -> Result<()> {
-        let mut buf = momentum_buf.map(|b| b.slice_mut(..n));
+        let mut buf = momentum_buf
+            .map(|b| head_mut("SGD momentum buffer", b, n))
+            .transpose()?;
         crate::cuda::ops::sgd_step(
             &self.gpu,
             config,
             step,
             lr,
             grad_scale,
-            &mut param.slice_mut(..n),
-            &grad.slice(..n),
+            &mut head_mut("SGD parameters", param, n)?,
+            &head("SGD gradient", grad, n)?,
             buf.as_mut(),
             None,
         )
     }
 
     fn sum_squares(&self, n: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()> {
-        crate::cuda::ops::sum_squares(&self.gpu, &x.slice(..n), &mut out.slice_mut(..1), false)
+        crate::cuda::ops::sum_squares(
+            &self.gpu,
+            &head("sum of squares input", x, n)?,
+            &mut head_mut("sum of squares output", out, 1)?,
+            false,
+        )
     }
 }
 

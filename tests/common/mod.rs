@@ -68,3 +68,41 @@ pub fn smollm2(test: &str) -> Option<&'static LoadedModel> {
     }
     model.as_ref()
 }
+
+/// A bank of one prefix per token list, each initialized from the model's keys/values of those
+/// real words (`prefix::init::init_from_text`), cut to the shortest and rounded to fp16 (so
+/// fp16 and f32 engines see the same numbers).
+pub fn real_word_bank(
+    w: &prefix_tune::model::config::ModelWeights<f32>,
+    tokens: &[Vec<u32>],
+) -> prefix_tune::prefix::PrefixBank<f32> {
+    use prefix_tune::prefix::init::init_from_text;
+    let banks: Vec<_> = tokens
+        .iter()
+        .map(|t| init_from_text(w, t).expect("prefix from real words"))
+        .collect();
+    let p = banks
+        .iter()
+        .map(|b| b.len)
+        .min()
+        .expect("at least one prefix");
+    let (hd, kv) = (banks[0].head_dim, banks[0].kv_heads);
+    // Each bank's first p positions of every kv head, the banks one after the other.
+    let cut = |len: usize, x: &[f32]| -> Vec<f32> {
+        (0..kv)
+            .flat_map(|h| x[h * len * hd..(h * len + p) * hd].iter().copied())
+            .collect()
+    };
+    let mut bank = banks[0].clone();
+    bank.n_prefixes = banks.len();
+    bank.len = p;
+    for l in 0..bank.n_layers {
+        bank.k[l] = banks.iter().flat_map(|b| cut(b.len, &b.k[l])).collect();
+        bank.v[l] = banks.iter().flat_map(|b| cut(b.len, &b.v[l])).collect();
+    }
+    for v in bank.k.iter_mut().chain(bank.v.iter_mut()) {
+        v.iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+    }
+    bank
+}

@@ -40,10 +40,12 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 /// initialized from real words (Li & Liang's initialization, the demo's choice), rounded to
 /// fp16 so both engines see the same numbers.
 ///
-/// Not a random bank: with random prefix keys/values (std 0.5) the fp16 gradient of the first
-/// layers' prefixes is ill-conditioned on this 30-layer model (measured 2026-11-26 on this
-/// emulation: layer 0 off by 9 % from the f64 gradient, layer 2 by 3 %, layer 29 by 0.4 %,
-/// against 1e-5 for the f32 reference), while real-word prefixes keep every layer within 0.5 %.
+/// Not a random bank: with random prefix keys/values the prefix gradient of this 30-layer model
+/// is ill-conditioned, for any fp16 engine. Measured 2026-11-26 (std-1 prefixes, `train`'s
+/// random init): rounding only the queries to fp16 inside the f32 reference moves its gradient
+/// by 86 % (the attention outputs: 53 %; layers 0-1 worst, layer 29 under 1 %), and this
+/// engine's emulation is off by 56 %; with std 0.5, 9 %; with std 0.1, 0.6 %. Real-word
+/// prefixes keep every layer within 0.5 %.
 fn setup(m: &LoadedModel) -> (Arc<ModelWeights<f32>>, PrefixBank<f32>) {
     let w = Arc::new(m.weights.clone().rounded_to_f16());
     let texts = [

@@ -701,7 +701,7 @@ impl<B: Backend> ModelEngine<B> {
         } = self;
         let ws = ws.as_mut().expect("prepared workspace");
         let (b, t, rows) = (shape.batch, shape.seq, shape.rows());
-        let (d, hd) = (cfg.d_model, cfg.head_dim);
+        let hd = cfg.head_dim;
 
         // Inputs.
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
@@ -731,8 +731,6 @@ impl<B: Backend> ModelEngine<B> {
             }
         }
 
-        let kind = norm_kind(&cfg);
-        let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
         embed(be, &cfg, model, b, t, ws)?;
 
         // The branch output still to be added to the residual, with its bias.
@@ -754,20 +752,7 @@ impl<B: Backend> ModelEngine<B> {
             )?;
             pending = Some(lw.b_out.as_ref());
         }
-        be.add_norm(
-            &norm_p,
-            NormBufs {
-                x: &mut ws.x,
-                y: pending.map(|_| &ws.y),
-                y_bias: pending.flatten(),
-                w: &model.final_norm_w,
-                b: model.final_norm_b.as_ref(),
-                x_save: Some(&mut ws.final_x),
-                h: &mut ws.hidden,
-                mean: Some(&mut ws.final_mean),
-                rstd: &mut ws.final_rstd,
-            },
-        )?;
+        final_norm(be, &cfg, model, ws, rows, pending)?;
         Ok(shape)
     }
 
@@ -1236,6 +1221,33 @@ where
     }
 }
 
+/// The last residual add (the pending branch output with its bias) and the final norm into
+/// `ws.hidden`, keeping its input and statistics for the backward.
+fn final_norm<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    model: &DevModel<B>,
+    ws: &mut Workspace<B>,
+    rows: usize,
+    pending: Option<Option<&B::Buf<f16>>>,
+) -> Result<()> {
+    let norm_p = ops::norm_params(rows, cfg.d_model, cfg.norm_eps, norm_kind(cfg), false)?;
+    be.add_norm(
+        &norm_p,
+        NormBufs {
+            x: &mut ws.x,
+            y: pending.map(|_| &ws.y),
+            y_bias: pending.flatten(),
+            w: &model.final_norm_w,
+            b: model.final_norm_b.as_ref(),
+            x_save: Some(&mut ws.final_x),
+            h: &mut ws.hidden,
+            mean: Some(&mut ws.final_mean),
+            rstd: &mut ws.final_rstd,
+        },
+    )
+}
+
 /// Where a layer's attention reads its keys and values.
 enum Attend<'a, B: Backend> {
     /// The fused prefix attention (`kernels/prefix_attention.cu`) over the layer's prefix bank
@@ -1601,7 +1613,7 @@ impl<B: Backend> ModelEngine<B> {
     /// One decode step with the KV cache (see [`KvDecodeCache`]).
     fn kv_decode(&mut self, cache: &mut KvDecodeCache<B>, tokens: &[Vec<u32>]) -> Result<Vec<f32>> {
         let cfg = self.cfg.clone();
-        let (d, hd, hkv) = (cfg.d_model, cfg.head_dim, cfg.n_kv_heads);
+        let (hd, hkv) = (cfg.head_dim, cfg.n_kv_heads);
         let b = cache.tokens.len();
         ensure!(
             tokens.len() == b,
@@ -1743,8 +1755,6 @@ impl<B: Backend> ModelEngine<B> {
         };
         crate::cuda::decode::check_lengths(&dshape, &past_i, &new_i)?;
 
-        let kind = norm_kind(&cfg);
-        let norm_p = ops::norm_params(rows, d, cfg.norm_eps, kind, false)?;
         embed(be, &cfg, model, b, t, ws)?;
         let mut pending: Option<Option<&B::Buf<f16>>> = None;
         for (l, lw) in model.layers.iter().enumerate() {
@@ -1769,20 +1779,7 @@ impl<B: Backend> ModelEngine<B> {
             )?;
             pending = Some(lw.b_out.as_ref());
         }
-        be.add_norm(
-            &norm_p,
-            NormBufs {
-                x: &mut ws.x,
-                y: pending.map(|_| &ws.y),
-                y_bias: pending.flatten(),
-                w: &model.final_norm_w,
-                b: model.final_norm_b.as_ref(),
-                x_save: Some(&mut ws.final_x),
-                h: &mut ws.hidden,
-                mean: Some(&mut ws.final_mean),
-                rstd: &mut ws.final_rstd,
-            },
-        )?;
+        final_norm(be, &cfg, model, ws, rows, pending)?;
         for (s, &n) in n_new.iter().enumerate() {
             cache.tokens[s] += n;
         }

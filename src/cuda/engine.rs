@@ -288,9 +288,6 @@ struct Workspace<B: Backend> {
     /// final hidden states), and the final norm's input and statistics.
     x: B::Buf<f32>,
     h: B::Buf<f16>,
-    /// The final norm's output: the hidden states the LM head reads (kept apart from `h`, which
-    /// recomputation reuses, so a loss-scale retry can rerun the head).
-    hidden: B::Buf<f16>,
     /// Recomputation: each layer's block input (fp32 residual after the add).
     layer_inputs: Vec<B::Buf<f32>>,
     final_x: B::Buf<f16>,
@@ -390,7 +387,6 @@ impl<B: Backend> Workspace<B> {
             bank: bank_bufs,
             x: be.alloc("residual stream", rows * d)?,
             h: h16("norm output", rows * d)?,
-            hidden: h16("final hidden states", rows * d)?,
             final_x: h16("final norm input", rows * d)?,
             final_mean: be.alloc("norm statistics", rows)?,
             final_rstd: be.alloc("norm statistics", rows)?,
@@ -787,7 +783,7 @@ impl<B: Backend> ModelEngine<B> {
             be.write("uploading head rows", &idx, &mut ws.head_idx)?;
             be.write("uploading labels", &labels, &mut ws.head_labels)?;
             let rp = ops::rows_params(c, d)?;
-            be.gather_rows(&rp, rows, &ws.hidden, &ws.head_idx, &mut ws.head_h)?;
+            be.gather_rows(&rp, rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
             be.gemm_a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits)?;
             let cp = ops::ce_params(c, vocab, grad_scale)?;
             be.cross_entropy(&cp, &mut ws.logits, &ws.head_labels, &mut ws.chunk_loss)?;
@@ -828,7 +824,7 @@ impl<B: Backend> ModelEngine<B> {
             let idx: Vec<i32> = group.iter().map(|&r| r as i32).collect();
             be.write("uploading logit rows", &idx, &mut ws.head_idx)?;
             let rp = ops::rows_params(c, d)?;
-            be.gather_rows(&rp, n_rows, &ws.hidden, &ws.head_idx, &mut ws.head_h)?;
+            be.gather_rows(&rp, n_rows, &ws.h, &ws.head_idx, &mut ws.head_h)?;
             be.gemm_a_bt(c, vocab, d, &ws.head_h, model.head(), &mut ws.logits)?;
             let l = be.read("downloading logits", &ws.logits, 0..c * vocab)?;
             out.extend(l.iter().map(|x| x.to_f32()));
@@ -1222,7 +1218,7 @@ where
 }
 
 /// The last residual add (the pending branch output with its bias) and the final norm into
-/// `ws.hidden`, keeping its input and statistics for the backward.
+/// `ws.h`, keeping its input and statistics for the backward.
 fn final_norm<B: Backend>(
     be: &B,
     cfg: &ModelConfig,
@@ -1241,7 +1237,7 @@ fn final_norm<B: Backend>(
             w: &model.final_norm_w,
             b: model.final_norm_b.as_ref(),
             x_save: Some(&mut ws.final_x),
-            h: &mut ws.hidden,
+            h: &mut ws.h,
             mean: Some(&mut ws.final_mean),
             rstd: &mut ws.final_rstd,
         },

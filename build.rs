@@ -8,8 +8,7 @@
 
 #[path = "build/bindings.rs"]
 mod bindings;
-#[path = "build/emulation.rs"]
-mod emulation;
+#[allow(dead_code)] // include_dir is used by sim/cuda/build.rs, which shares this file
 #[path = "build/nvcc.rs"]
 mod nvcc;
 
@@ -73,9 +72,6 @@ fn main() {
         println!("cargo:rustc-cfg=prefix_tune_kernels");
     }
     write_module_table(&modules, &out_dir.join("kernels.rs"));
-
-    let cuda_include = found.as_ref().and_then(nvcc::Nvcc::include_dir);
-    emulation::compile_host_emulation(cuda_include.as_deref());
 }
 
 /// Compiles every `kernels/*.cu` (in parallel); returns them all, or none when any failed

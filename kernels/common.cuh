@@ -8,6 +8,10 @@
 
 #include "abi.h"
 
+#ifndef PT_DYNAMIC_SMEM
+#define PT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace pt {
 
 // Index of this thread in the whole grid and the grid's thread count, as 64-bit values so that

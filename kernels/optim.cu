@@ -94,11 +94,13 @@ extern "C" __global__ void pt_sgd_momentum_step_f16(const pt_sgd_params p,
 }
 
 // Stage 1: block b writes the sum of x[i]^2 over its grid-stride share to partials[b].
-// Launch with PT_REDUCE_THREADS threads and at most PT_REDUCE_MAX_BLOCKS blocks.
+// Launch with PT_REDUCE_THREADS threads, at most PT_REDUCE_MAX_BLOCKS blocks and PT_REDUCE_SMEM
+// bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(PT_REDUCE_THREADS)
     pt_sum_squares_partial(const pt_reduce_params p, const float *__restrict__ x,
                            float *__restrict__ partials) {
-    __shared__ float scratch[32];
+    PT_DYNAMIC_SMEM(smem);
+    float *scratch = reinterpret_cast<float *>(smem);
     float acc = 0.0f;
     const int64_t stride = pt::grid_thread_count();
     for (int64_t i = pt::global_thread_index(); i < p.n; i += stride) {
@@ -112,11 +114,13 @@ extern "C" __global__ void __launch_bounds__(PT_REDUCE_THREADS)
 }
 
 // Stage 2: one block of PT_REDUCE_THREADS threads adds the p.n partials into out[0]
-// (overwriting it, or adding to it when p.accumulate != 0).
+// (overwriting it, or adding to it when p.accumulate != 0); PT_REDUCE_SMEM bytes of dynamic
+// shared memory.
 extern "C" __global__ void __launch_bounds__(PT_REDUCE_THREADS)
     pt_sum_squares_finish(const pt_reduce_params p, const float *__restrict__ partials,
                           float *__restrict__ out) {
-    __shared__ float scratch[32];
+    PT_DYNAMIC_SMEM(smem);
+    float *scratch = reinterpret_cast<float *>(smem);
     float acc = 0.0f;
     for (int64_t i = threadIdx.x; i < p.n; i += blockDim.x) {
         acc += partials[i];

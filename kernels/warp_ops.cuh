@@ -1,8 +1,9 @@
 // Warp-level operations of the kernels: the ONLY place with inline PTX.
 //
-// Each operation is one small wrapper: on the device, inline PTX; under PT_HOST_EMULATION, the
-// exact emulation in host/warp_ops_emu.h (same fragment layouts as the PTX ISA, lanes exchanging
-// through per-warp storage). Kernels never write PTX or __shfl*/__syncthreads themselves.
+// Each operation is one small wrapper: on the device, inline PTX; under PT_HOST_EMULATION (the
+// simulated CUDA device's host build, sim/cuda), the exact emulation in host/sim_warp_ops.h (same
+// fragment layouts as the PTX ISA, lanes exchanging through per-warp storage, with the
+// simulator's checks). Kernels never write PTX or __shfl*/__syncthreads themselves.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", .f16), g = lane>>2, t = lane&3:
 //   A (16x16, row): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
@@ -15,7 +16,7 @@
 #include <stdint.h>
 
 #if defined(PT_HOST_EMULATION) && !defined(__CUDA_ARCH__)
-#include "host/warp_ops_emu.h"
+#include "host/sim_warp_ops.h"
 #else
 
 namespace pt {
@@ -56,11 +57,24 @@ __device__ __forceinline__ void cp_async_16(void *dst, const void *src, bool val
                  "l"(src), "r"(src_bytes));
 }
 
+// 16-byte asynchronous copy global -> shared of a row known to be valid (no zero-fill operand).
+__device__ __forceinline__ void cp_async_16_always(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most N committed groups of this thread are still in flight.
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 2^x with the MUFU.EX2 unit (ex2.approx.ftz.f32: max relative error 2^-22 in the PTX ISA's
+// words "2 ulp"; subnormal inputs and results are flushed to zero; ex2(-inf) = +0).
+__device__ __forceinline__ float ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
 }
 
 // Butterfly exchange within the warp (all lanes participate).

@@ -1,11 +1,20 @@
 //! Timing of the prefix attention and of the prefix-only training step, shared by
 //! `prefix-tune bench` (`src/cli/bench.rs`) and the criterion benchmark `benches/attention.rs`.
 //!
-//! Attention: the GPU kernels ([`crate::cuda::attention`]) are timed with CUDA events around a
-//! run of launches, after warm-up launches, and the median of several runs is kept; the CPU
-//! reference (plain and blockwise, f32) is timed with the wall clock. FLOPs count the two matrix
-//! products of the forward over the visible keys, `4·B·Hq·D·T·(P + T/2)`, and 2.5× that for the
-//! backward (five products instead of two), as FlashAttention counts them.
+//! Attention: the GPU kernels ([`crate::cuda::attention`]) are timed by [`GPU_PROTOCOL`], the
+//! method `tools/bench/torch_attention.py` uses for torch too: warm-up calls, then runs of a fixed
+//! number of back-to-back calls between two CUDA events (no synchronisation inside a run), the L2
+//! cache flushed (a memset of twice its size) before each run, outside the events; the median run
+//! is kept. The first call of a run starts from a cold L2, the later ones find what the previous
+//! call left there, on both sides alike. The CPU reference (plain and blockwise, f32) is timed
+//! with the wall clock. FLOPs count the two matrix products of the forward over the visible keys,
+//! `4·B·Hq·D·T·(P + T/2)`, and 2.5× that for the backward (five products instead of two), as
+//! FlashAttention counts them.
+//!
+//! Decode attention (KV-cache decoding, [`crate::cuda::decode`]): the same protocol; tokens/s
+//! (new tokens per second of one layer's attention) and the bytes it must read (K and V of every
+//! visible key, the queries, the output) per second against the device's memory bandwidth
+//! (memory clock × bus width × 2), for the split-KV kernels and the one-warp-per-row kernel.
 //!
 //! Training: one step is what the trainer does per batch, `loss_and_grad` through the
 //! [`Engine`] plus an AdamW update of the prefix on the host.
@@ -21,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::cuda::attention::{self as gpu_attn, AttnWorkspace, DevAttnGrads, DevAttnInputs};
+use crate::cuda::decode::{self, split_plan, DecodeBufs, DecodeKernel, DecodeShape};
 use crate::cuda::GpuContext;
 use crate::engine::Engine;
 use crate::optim::{AdamW, AdamWConfig, Optimizer};
@@ -38,14 +48,22 @@ pub fn attention_fwd_flops(s: &AttnShape) -> f64 {
 }
 
 /// The GPU grid: B = 8, Hq = Hkv = 16, T ∈ {512, 1024, 2048, 4096} ({512, 2048} when `quick`),
-/// P ∈ {16, 128}, D ∈ {64, 128}; two prefixes in the bank, sequences alternating between them.
+/// P ∈ {10, 16, 128}, D ∈ {64, 128}; then SmolLM2's GQA heads (Hq = 9, Hkv = 3, D = 64) with
+/// its prefix of 10. Two prefixes in the bank, sequences alternating between them.
 pub fn gpu_attention_grid(quick: bool) -> Vec<AttnShape> {
     let seqs: &[usize] = if quick {
         &[512, 2048]
     } else {
         &[512, 1024, 2048, 4096]
     };
-    grid(8, 16, 16, seqs, &[16, 128], &[64, 128])
+    let mut g = grid(8, 16, 16, seqs, &[10, 16, 128], &[64, 128]);
+    g.extend(grid(8, 9, 3, seqs, &[10], &[64]));
+    g
+}
+
+/// A smoke-test grid: B = 1, Hq = 2, Hkv = 1, T = 64, P = 10, D ∈ {64, 128}.
+pub fn tiny_attention_grid() -> Vec<AttnShape> {
+    grid(1, 2, 1, &[64], &[10], &[64, 128])
 }
 
 /// A grid small enough for the CPU reference: B = 4, Hq = 8, Hkv = 2 (GQA), T ∈ {128, 256},
@@ -85,7 +103,8 @@ fn grid(
     out
 }
 
-/// `T{seq}_P{prefix}_D{head_dim}`, the shape's name in tables and JSON.
+/// `T{seq}_P{prefix}_D{head_dim}`, the shape's name in tables and JSON (the heads are fields of
+/// their own).
 pub fn shape_label(s: &AttnShape) -> String {
     format!("T{}_P{}_D{}", s.seq, s.prefix, s.head_dim)
 }
@@ -111,11 +130,24 @@ pub struct AttnBenchOpts {
     pub warmup: usize,
     /// Timed runs; the median is reported.
     pub reps: usize,
-    /// Calls per timed run (GPU: between two events).
+    /// Calls per timed run (GPU: back to back between two events).
     pub calls_per_rep: usize,
     /// Also time the deterministic backward (GPU).
     pub deterministic: bool,
+    /// GPU: flush the L2 cache before each timed run (outside the events).
+    pub flush_l2: bool,
 }
+
+/// The GPU timing protocol of every GPU benchmark here and of `tools/bench/torch_attention.py`
+/// (its `--warmup`, `--reps`, `--calls` defaults are these numbers): 3 warm-up calls, 10 runs of 5
+/// back-to-back calls between two events, L2 flushed before each run.
+pub const GPU_PROTOCOL: AttnBenchOpts = AttnBenchOpts {
+    warmup: 3,
+    reps: 10,
+    calls_per_rep: 5,
+    deterministic: false,
+    flush_l2: true,
+};
 
 /// One measured row: an implementation, a pass, a shape.
 #[derive(Clone, Debug, Serialize)]
@@ -303,14 +335,57 @@ pub fn cuda_time_ms(g: &GpuContext, calls: u64, mut f: impl FnMut() -> Result<()
     Ok(ms as f64 / calls.max(1) as f64)
 }
 
-/// Warm-up, then the median over `reps` runs of `calls` calls of `f`, in ms per call.
-fn gpu_median(g: &GpuContext, o: &AttnBenchOpts, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// A device buffer of twice the L2 cache's size: writing it (a memset) evicts what earlier
+/// kernels left in L2.
+pub struct L2Flush {
+    buf: CudaSlice<u8>,
+}
+
+impl L2Flush {
+    pub fn new(g: &GpuContext) -> Result<Self> {
+        let l2 = g
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(|e| anyhow!("reading the L2 cache size: {e:?}"))?
+            .max(1 << 20) as usize;
+        let buf = g
+            .stream()
+            .alloc_zeros::<u8>(2 * l2)
+            .map_err(|e| anyhow!("allocating the L2 flush buffer: {e:?}"))?;
+        Ok(L2Flush { buf })
+    }
+
+    /// Enqueues the flush on the context's stream.
+    pub fn flush(&mut self, g: &GpuContext) -> Result<()> {
+        g.stream()
+            .memset_zeros(&mut self.buf)
+            .map_err(|e| anyhow!("flushing L2: {e:?}"))
+    }
+}
+
+/// [`GPU_PROTOCOL`] with `o`'s counts: warm-up, then the median over `reps` runs of
+/// `calls_per_rep` back-to-back calls of `f` between two events (L2 flushed before each run when
+/// `o.flush_l2`), in ms per call.
+pub fn gpu_median(
+    g: &GpuContext,
+    o: &AttnBenchOpts,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let mut flush = if o.flush_l2 {
+        Some(L2Flush::new(g)?)
+    } else {
+        None
+    };
     for _ in 0..o.warmup {
         f()?;
     }
-    let mut times = (0..o.reps.max(1))
-        .map(|_| cuda_time_ms(g, o.calls_per_rep.max(1) as u64, &mut f))
-        .collect::<Result<Vec<f64>>>()?;
+    let mut times = Vec::with_capacity(o.reps.max(1));
+    for _ in 0..o.reps.max(1) {
+        if let Some(fl) = flush.as_mut() {
+            fl.flush(g)?;
+        }
+        times.push(cuda_time_ms(g, o.calls_per_rep.max(1) as u64, &mut f)?);
+    }
     Ok(median(&mut times))
 }
 
@@ -334,6 +409,168 @@ pub fn bench_gpu_attention(
         rows.push(AttnRow::new("gpu", "bwd_deterministic", s, det, &dev));
     }
     g.synchronize().context("attention bench kernels")?;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU decode attention.
+
+/// One decode measurement: `B` sequences of one new token each over `past` cached entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeCase {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Cached entries of every sequence (the cache holds `past + 16`).
+    pub past: usize,
+}
+
+impl DecodeCase {
+    /// The launch shape: one new token, a cache with 16 entries of headroom.
+    pub fn shape(&self) -> DecodeShape {
+        DecodeShape {
+            batch: self.batch,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            n_new: 1,
+            capacity: self.past + 16,
+        }
+    }
+
+    /// Bytes one call must move at least: K and V of every visible key (the cache and the new
+    /// token), the queries and the output, fp16.
+    pub fn bytes(&self) -> f64 {
+        let kv = 2 * self.batch * self.kv_heads * (self.past + 1) * self.head_dim;
+        let qo = 2 * self.batch * self.q_heads * self.head_dim;
+        2.0 * (kv + qo) as f64
+    }
+}
+
+/// The decode grid: SmolLM2's heads (9 / 3, D = 64) and a Llama-3-8B-like attention (32 / 8,
+/// D = 128), B ∈ {1, 8, 32}, past ∈ {512, 2048, 8192} ({1, 32} × {512, 8192} when `quick`).
+pub fn gpu_decode_grid(quick: bool) -> Vec<DecodeCase> {
+    let (batches, pasts): (&[usize], &[usize]) = if quick {
+        (&[1, 32], &[512, 8192])
+    } else {
+        (&[1, 8, 32], &[512, 2048, 8192])
+    };
+    let mut out = Vec::new();
+    for (q_heads, kv_heads, head_dim) in [(9, 3, 64), (32, 8, 128)] {
+        for &batch in batches {
+            for &past in pasts {
+                out.push(DecodeCase {
+                    batch,
+                    q_heads,
+                    kv_heads,
+                    head_dim,
+                    past,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One measured decode row.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub bench: &'static str,
+    /// `split-kv` (flash-decoding kernels) or `one-warp-per-row`.
+    pub implementation: &'static str,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub past: usize,
+    /// Splits of the key range (1 for the one-warp kernel).
+    pub splits: usize,
+    /// Median microseconds per call.
+    pub us: f64,
+    /// New tokens per second (one layer's attention).
+    pub tokens_per_s: f64,
+    /// [`DecodeCase::bytes`] per second, GB/s.
+    pub gb_s: f64,
+    /// The device's memory bandwidth, GB/s (memory clock × bus width × 2).
+    pub bound_gb_s: f64,
+    pub device: String,
+}
+
+/// The device's memory bandwidth in GB/s from its memory clock and bus width (DDR: two
+/// transfers per clock).
+pub fn memory_bound_gb_s(g: &GpuContext) -> Result<f64> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let attr = |a| {
+        g.context()
+            .attribute(a)
+            .map_err(|e| anyhow!("reading {a:?}: {e:?}"))
+    };
+    let khz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? as f64;
+    let bits = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? as f64;
+    Ok(2.0 * khz * 1e3 * bits / 8.0 / 1e9)
+}
+
+/// Both decode kernels on case `c` with random inputs (seeded), timed by `o`.
+pub fn bench_gpu_decode(
+    g: &GpuContext,
+    c: &DecodeCase,
+    o: &AttnBenchOpts,
+    seed: u64,
+) -> Result<Vec<DecodeRow>> {
+    let s = c.shape();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q = random_half(g, &mut rng, s.q_len())?;
+    let k_new = random_half(g, &mut rng, s.new_kv_len())?;
+    let v_new = random_half(g, &mut rng, s.new_kv_len())?;
+    let cache_k = random_half(g, &mut rng, s.cache_len())?;
+    let cache_v = random_half(g, &mut rng, s.cache_len())?;
+    let up = |x: Vec<i32>| {
+        g.stream()
+            .clone_htod(&x)
+            .map_err(|e| anyhow!("uploading decode lengths: {e:?}"))
+    };
+    let past = up(vec![c.past as i32; c.batch])?;
+    let n_new = up(vec![1; c.batch])?;
+    let mut out = g
+        .stream()
+        .alloc_zeros::<f16>(s.q_len())
+        .map_err(|e| anyhow!("allocating the decode output: {e:?}"))?;
+    let bufs = DecodeBufs {
+        q: &q,
+        k_new: &k_new,
+        v_new: &v_new,
+        cache_k: &cache_k,
+        cache_v: &cache_v,
+    };
+    let scale = 1.0 / (c.head_dim as f32).sqrt();
+    let bound = memory_bound_gb_s(g)?;
+    let splits = split_plan(&s)?.map_or(1, |p| p.n_splits);
+    let mut rows = Vec::new();
+    for (name, kernel, splits) in [
+        ("split-kv", DecodeKernel::Auto, splits),
+        ("one-warp-per-row", DecodeKernel::OneWarpPerRow, 1),
+    ] {
+        let ms = gpu_median(g, o, || {
+            decode::forward_with(g, kernel, &s, scale, &bufs, &past, &n_new, &mut out)
+        })?;
+        rows.push(DecodeRow {
+            bench: "decode",
+            implementation: name,
+            batch: c.batch,
+            q_heads: c.q_heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            past: c.past,
+            splits,
+            us: ms * 1e3,
+            tokens_per_s: c.batch as f64 / (ms * 1e-3),
+            gb_s: c.bytes() / (ms * 1e-3) / 1e9,
+            bound_gb_s: bound,
+            device: g.description().to_string(),
+        });
+    }
+    g.synchronize().context("decode bench kernels")?;
     Ok(rows)
 }
 
@@ -429,47 +666,12 @@ pub fn bench_train_steps(
     steps: usize,
 ) -> Result<TrainTiming> {
     let opts = RunOptions::default();
-    let n: usize = prefix.k.iter().chain(&prefix.v).map(Vec::len).sum();
-    let mut opt = Optimizer::AdamW(AdamW::new(AdamWConfig::default(), n));
-    let mut flat = Vec::with_capacity(n);
-    let mut grad_flat = Vec::with_capacity(n);
-    let mut last_loss = f32::NAN;
-    let mut overflow_skips = 0u64;
-    let mut step = |engine: &mut dyn Engine, prefix: &mut PrefixBank<f32>| -> Result<Duration> {
-        let t0 = Instant::now();
-        let (loss, grad) = match engine.loss_and_grad(prefix, batch, &opts) {
-            Ok(r) => r,
-            Err(e) => {
-                let o = e.downcast::<crate::engine::GradOverflow>()?;
-                overflow_skips += 1;
-                last_loss = o.loss.mean_loss;
-                return Ok(t0.elapsed());
-            }
-        };
-        flat.clear();
-        grad_flat.clear();
-        for l in prefix.k.iter().chain(&prefix.v) {
-            flat.extend_from_slice(l);
-        }
-        for l in grad.k.iter().chain(&grad.v) {
-            grad_flat.extend_from_slice(l);
-        }
-        // On the engine's device (the GPU engine's optimizer kernels), no clipping.
-        engine.apply_update(&mut flat, &mut grad_flat, &mut opt, 1e-3, 0.0)?;
-        let mut at = 0;
-        for l in prefix.k.iter_mut().chain(prefix.v.iter_mut()) {
-            let len = l.len();
-            l.copy_from_slice(&flat[at..at + len]);
-            at += len;
-        }
-        last_loss = loss.mean_loss;
-        Ok(t0.elapsed())
-    };
+    let mut st = StepState::new(prefix);
     for _ in 0..warmup {
-        step(engine, prefix)?;
+        st.step(engine, prefix, batch)?;
     }
     let mut times = (0..steps.max(1))
-        .map(|_| step(engine, prefix).map(|d| d.as_secs_f64()))
+        .map(|_| st.step(engine, prefix, batch).map(|d| d.as_secs_f64()))
         .collect::<Result<Vec<f64>>>()?;
     let step_s = median(&mut times);
     let mut fwd = (0..steps.max(1))
@@ -482,9 +684,130 @@ pub fn bench_train_steps(
     Ok(TrainTiming {
         step_s,
         forward_s: median(&mut fwd),
-        last_loss,
-        overflow_skips,
+        last_loss: st.last_loss,
+        overflow_skips: st.overflow_skips,
     })
+}
+
+/// One timed training step of the benchmark: loss and prefix gradient, then the AdamW update on
+/// the engine's device (no clipping).
+pub struct StepState {
+    opt: Optimizer,
+    flat: Vec<f32>,
+    grad_flat: Vec<f32>,
+    pub last_loss: f32,
+    pub overflow_skips: u64,
+}
+
+impl StepState {
+    pub fn new(prefix: &PrefixBank<f32>) -> Self {
+        let n: usize = prefix.k.iter().chain(&prefix.v).map(Vec::len).sum();
+        StepState {
+            opt: Optimizer::AdamW(AdamW::new(AdamWConfig::default(), n)),
+            flat: Vec::with_capacity(n),
+            grad_flat: Vec::with_capacity(n),
+            last_loss: f32::NAN,
+            overflow_skips: 0,
+        }
+    }
+
+    pub fn step(
+        &mut self,
+        engine: &mut dyn Engine,
+        prefix: &mut PrefixBank<f32>,
+        batch: &Batch,
+    ) -> Result<Duration> {
+        let t0 = Instant::now();
+        let (loss, grad) = match engine.loss_and_grad(prefix, batch, &RunOptions::default()) {
+            Ok(r) => r,
+            Err(e) => {
+                let o = e.downcast::<crate::engine::GradOverflow>()?;
+                self.overflow_skips += 1;
+                self.last_loss = o.loss.mean_loss;
+                return Ok(t0.elapsed());
+            }
+        };
+        self.flat.clear();
+        self.grad_flat.clear();
+        for l in prefix.k.iter().chain(&prefix.v) {
+            self.flat.extend_from_slice(l);
+        }
+        for l in grad.k.iter().chain(&grad.v) {
+            self.grad_flat.extend_from_slice(l);
+        }
+        // On the engine's device (the GPU engine's optimizer kernels), no clipping.
+        engine.apply_update(
+            &mut self.flat,
+            &mut self.grad_flat,
+            &mut self.opt,
+            1e-3,
+            0.0,
+        )?;
+        let mut at = 0;
+        for l in prefix.k.iter_mut().chain(prefix.v.iter_mut()) {
+            let len = l.len();
+            l.copy_from_slice(&self.flat[at..at + len]);
+            at += len;
+        }
+        self.last_loss = loss.mean_loss;
+        Ok(t0.elapsed())
+    }
+}
+
+/// What the simulated device counts for one training step, a prefill and one decoded token.
+#[derive(Clone, Debug)]
+pub struct SimStepCounts {
+    pub step: crate::cuda::context::SimCounts,
+    pub prefill: crate::cuda::context::SimCounts,
+    /// Over `tokens` decode steps (divide by it for one token).
+    pub decode: crate::cuda::context::SimCounts,
+    pub tokens: u64,
+    pub prompt: usize,
+}
+
+/// The simulated device's counts of one training step (as the benchmark times it), then of a
+/// prefill of `prompt` tokens per sequence and `tokens` single-token decode steps of the batch's
+/// sequences with prefix 0; `None` on a real GPU.
+pub fn sim_step_counts(
+    engine: &mut dyn Engine,
+    prefix: &mut PrefixBank<f32>,
+    batch: &Batch,
+    prompt: usize,
+    tokens: u64,
+) -> Result<Option<SimStepCounts>> {
+    use crate::cuda::context::{reset_simulator_peak, SimCounts};
+    let Some(_) = SimCounts::now() else {
+        return Ok(None);
+    };
+    let mut st = StepState::new(prefix);
+    st.step(engine, prefix, batch)?; // warm: workspaces sized
+    reset_simulator_peak();
+    let c0 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    st.step(engine, prefix, batch)?;
+    let c1 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    let take = prompt.clamp(1, batch.seq.max(1));
+    let rows: Vec<Vec<u32>> = (0..batch.batch)
+        .map(|b| batch.tokens[b * batch.seq..b * batch.seq + take].to_vec())
+        .collect();
+    let index: Vec<Option<usize>> = vec![Some(0); rows.len()];
+    let opts = RunOptions::default();
+    reset_simulator_peak();
+    let d0 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    let mut cache = engine.begin_decode(Some(prefix), &index, &opts)?;
+    engine.decode(cache.as_mut(), &rows)?;
+    let d1 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    let next: Vec<Vec<u32>> = rows.iter().map(|r| vec![r[0]]).collect();
+    for _ in 0..tokens.max(1) {
+        engine.decode(cache.as_mut(), &next)?;
+    }
+    let d2 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    Ok(Some(SimStepCounts {
+        step: c1.since(&c0),
+        prefill: d1.since(&d0),
+        decode: d2.since(&d1),
+        tokens: tokens.max(1),
+        prompt: prompt.max(1),
+    }))
 }
 
 #[cfg(test)]
@@ -522,8 +845,35 @@ mod tests {
     #[test]
     fn grids_have_the_issue_shapes() {
         let g = gpu_attention_grid(false);
-        assert_eq!(g.len(), 16);
-        assert!(g.iter().all(|s| s.batch == 8 && s.q_heads == 16));
-        assert_eq!(gpu_attention_grid(true).len(), 8);
+        assert_eq!(g.len(), 28);
+        assert!(g.iter().all(|s| s.batch == 8));
+        assert_eq!(g.iter().filter(|s| s.q_heads == 16).count(), 24);
+        // SmolLM2's GQA shape with P = 10, on every sequence length.
+        assert_eq!(
+            g.iter()
+                .filter(|s| (s.q_heads, s.kv_heads, s.prefix, s.head_dim) == (9, 3, 10, 64))
+                .count(),
+            4
+        );
+        assert_eq!(gpu_attention_grid(true).len(), 14);
+        assert_eq!(gpu_decode_grid(false).len(), 18);
+        assert_eq!(gpu_decode_grid(true).len(), 8);
+    }
+
+    #[test]
+    fn decode_bytes_count_every_visible_key() {
+        let c = DecodeCase {
+            batch: 2,
+            q_heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            past: 10,
+        };
+        // K and V: 2 x 3 heads x 11 keys x 64 x 2 B each; q and o: 2 x 9 x 64 x 2 B each.
+        assert_eq!(
+            c.bytes(),
+            (2.0 * 2.0 * 3.0 * 11.0 * 64.0 + 2.0 * 2.0 * 9.0 * 64.0) * 2.0
+        );
+        assert_eq!(c.shape().capacity, 26);
     }
 }

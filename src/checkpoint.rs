@@ -101,21 +101,31 @@ pub fn save_checkpoint<S: Serialize>(out: &Path, state: &S, parts: &CheckpointPa
             ("optimizer".to_string(), serde_json::to_string(&light)?),
         ]);
         let data = safetensors::serialize(views, Some(info))?;
-        crate::prefix::file::write_atomic(&tmp.join(TRAINER_FILE), &data)?;
         save_prefix(&tmp.join("prefix.safetensors"), parts.prefix, parts.meta)?;
         if let Some(r) = parts.reparam {
             save_reparam(&tmp.join("reparam.safetensors"), r)?;
         }
-        // Swap directories.
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
+        test_pause("files");
+        // The trainer file last: a directory holding it is complete.
+        crate::prefix::file::write_atomic(&tmp.join(TRAINER_FILE), &data)?;
+        sync_dir(&tmp)?;
+        test_pause("written");
+        // Swap directories, never removing the only complete checkpoint: `checkpoint.old/` is
+        // removed only while `checkpoint/` exists (a crash between the two renames leaves only
+        // `checkpoint.old/`, which the next write must keep until its own rename is done).
         if final_dir.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)
+                    .with_context(|| format!("removing {}", old.display()))?;
+            }
             std::fs::rename(&final_dir, &old)
                 .with_context(|| format!("renaming {} aside", final_dir.display()))?;
+            test_pause("set-aside");
         }
         std::fs::rename(&tmp, &final_dir)
             .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        sync_dir(out)?;
+        test_pause("renamed");
         if old.exists() {
             let _ = std::fs::remove_dir_all(&old);
         }
@@ -125,6 +135,30 @@ pub fn save_checkpoint<S: Serialize>(out: &Path, state: &S, parts: &CheckpointPa
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result.with_context(what)
+}
+
+/// Flushes a directory's entries (the renames and files in it) to disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Test hook (the kill-and-resume test, tests/kill_resume.rs): with
+/// `PREFIX_TUNE_TEST_CHECKPOINT_PAUSE_MS=N` the writer announces each stage of a checkpoint
+/// write on stderr (`checkpoint-stage NAME`) and sleeps N ms there, so a test can kill the
+/// process inside a write. Unset (always, outside tests), it does nothing.
+fn test_pause(stage: &str) {
+    static PAUSE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("PREFIX_TUNE_TEST_CHECKPOINT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(ms) = *pause {
+        eprintln!("checkpoint-stage {stage}");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// The checkpoint directory of a training output directory (or the checkpoint directory itself),
@@ -153,11 +187,19 @@ pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
 pub fn load_checkpoint<S: DeserializeOwned>(dir: &Path) -> Result<Checkpoint<S>> {
     let ck = find_checkpoint(dir)?;
     let path = ck.join(TRAINER_FILE);
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    parse_checkpoint(&path, &bytes)
+}
+
+/// [`load_checkpoint`] on the bytes of a checkpoint's `trainer.safetensors` at `path` (which
+/// names it in errors; its directory is the checkpoint's).
+pub fn parse_checkpoint<S: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Checkpoint<S>> {
+    let ck = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let what = || format!("reading checkpoint {}", path.display());
-    let bytes = std::fs::read(&path).with_context(what)?;
-    let st = SafeTensors::deserialize(&bytes)
+    let st = SafeTensors::deserialize(bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(what)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).with_context(what)?;
     let meta = header
         .metadata()
         .as_ref()

@@ -75,7 +75,14 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
         bail!("{name}: {} bytes is too large for a data file", meta.len());
     }
     let bytes = std::fs::read(path).with_context(|| format!("{name}: cannot read data file"))?;
-    let text = check_text(&name, &bytes)?;
+    parse_examples(path, &bytes)
+}
+
+/// [`load_examples`] on a file's bytes: the format from `path`'s extension, else from the
+/// content; `path` names the file in errors.
+pub fn parse_examples(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
+    let name = path.display().to_string();
+    let text = check_text(&name, bytes)?;
     if text.trim().is_empty() {
         bail!("{name}: the file is empty (no examples)");
     }

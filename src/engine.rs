@@ -1,9 +1,10 @@
 //! One interface for "run the frozen model with these prefixes": the loss, the prefix-only
 //! gradient and KV-cache decoding. Training and generation hold a `Box<dyn Engine>` and never
-//! ask which device runs it; [`open_engine`] picks the implementation from a [`Device`].
+//! ask which device runs it; `crate::devices::open_engine` picks the implementation from a
+//! [`Device`].
 //!
-//! Two implementations: [`CpuEngine`] (the reference code in f32) and the GPU engine
-//! ([`crate::cuda::engine::CudaEngine`]), behind the same trait.
+//! Two implementations: [`CpuEngine`] (the reference code in f32, here) and the GPU engine
+//! (`cuda::engine::CudaEngine`, which implements this trait; this module does not import it).
 //!
 //! Every method checks its inputs against the model and returns an error (the reference code
 //! panics on a malformed batch, which is a programming error there but bad input here).
@@ -241,53 +242,4 @@ pub struct EngineOptions {
     /// layer's input and the backward reruns the layer (less memory, about one more forward
     /// per step). The CPU engine has no such mode: there it has no effect (a note says so).
     pub recompute: bool,
-}
-
-/// [`open_engine_with`] with the default options.
-pub fn open_engine(weights: Arc<ModelWeights<f32>>, device: Device) -> Result<Box<dyn Engine>> {
-    open_engine_with(weights, device, &EngineOptions::default())
-}
-
-/// The engine for `device`: `cpu` the CPU reference; `cuda` the GPU engine
-/// ([`crate::cuda::engine::CudaEngine`]) or an error saying why it cannot run; `auto` the GPU
-/// engine when a usable GPU is present and the model fits its kernels, else the CPU (with a note
-/// on stderr when a GPU was there but could not be used). `opts` apply to the GPU engine; on the
-/// CPU engine `recompute` has no effect and a note on stderr says so.
-pub fn open_engine_with(
-    weights: Arc<ModelWeights<f32>>,
-    device: Device,
-    opts: &EngineOptions,
-) -> Result<Box<dyn Engine>> {
-    use crate::cuda::engine::CudaEngine;
-    let cpu = |weights| -> Box<dyn Engine> {
-        if opts.recompute {
-            eprintln!(
-                "note: --recompute has no effect on the CPU engine (it applies to --device cuda)"
-            );
-        }
-        Box::new(CpuEngine::new(weights))
-    };
-    // The GPU engine with the optimizer step on the device too.
-    let gpu = |mut e: CudaEngine| -> Box<dyn Engine> {
-        if opts.recompute {
-            e.set_recompute(true);
-        }
-        Box::new(crate::cuda::device_optim::DeviceOptimEngine::new(e))
-    };
-    match device {
-        Device::Cpu => Ok(cpu(weights)),
-        Device::Cuda => match CudaEngine::new(weights) {
-            Ok(e) => Ok(gpu(e)),
-            Err(e) => bail!("--device cuda: {e:#}"),
-        },
-        Device::Auto => match CudaEngine::new(weights.clone()) {
-            Ok(e) => Ok(gpu(e)),
-            Err(e) => {
-                if crate::cuda::gpu_available().is_ok() {
-                    eprintln!("note: a GPU is present but the GPU engine cannot run: {e:#}; using the CPU");
-                }
-                Ok(cpu(weights))
-            }
-        },
-    }
 }

@@ -172,7 +172,7 @@ pub fn argmax(row: &[f32]) -> usize {
 }
 
 /// `log softmax(row)` in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
     row.iter().map(|&x| x as f64 - lse).collect()
@@ -218,8 +218,9 @@ pub fn sample_token(row: &[f32], s: &Sampling, rng: &mut StdRng) -> usize {
     order[probs.len() - 1]
 }
 
-/// The generator of request `index` for a seed.
-fn request_rng(seed: u64, index: usize) -> StdRng {
+/// The generator of request `index` for a seed (`prefix-tune serve` draws choice `index` of a
+/// request with it, so a seeded request samples what `generate` does for the same input).
+pub fn request_rng(seed: u64, index: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 

@@ -297,8 +297,54 @@ impl TrainableShape {
         }
     }
 
-    /// A trainable of this shape holding `flat` (checked).
+    /// How many parameters a trainable of this shape has; `None` when a size is 0 or the count
+    /// overflows.
+    pub fn n_params(&self) -> Option<usize> {
+        let mul = |xs: &[usize]| {
+            xs.iter()
+                .try_fold(1usize, |a, &x| if x == 0 { None } else { a.checked_mul(x) })
+        };
+        match *self {
+            TrainableShape::Bank {
+                n_layers,
+                kv_heads,
+                head_dim,
+                len,
+            } => mul(&[2, n_layers, kv_heads, len, head_dim]),
+            TrainableShape::Reparam {
+                n_layers,
+                kv_heads,
+                head_dim,
+                len,
+                emb_dim,
+                hidden,
+            } => {
+                let out = mul(&[2, n_layers, kv_heads, head_dim])?;
+                [
+                    mul(&[len, emb_dim])?,
+                    mul(&[hidden, emb_dim])?,
+                    hidden,
+                    mul(&[out, hidden])?,
+                    out,
+                ]
+                .iter()
+                .try_fold(0usize, |a, &x| a.checked_add(x))
+            }
+        }
+    }
+
+    /// A trainable of this shape holding `flat` (checked before anything is allocated).
     pub fn build(&self, flat: &[f32]) -> Result<Trainable> {
+        if self.n_params() != Some(flat.len()) {
+            bail!(
+                "the checkpoint holds {} parameters, its shape {self:?} needs {}",
+                flat.len(),
+                self.n_params().map_or(
+                    "an impossible number (a size is 0 or too large)".into(),
+                    |n| n.to_string()
+                )
+            );
+        }
         let mut t = match *self {
             TrainableShape::Bank {
                 n_layers,

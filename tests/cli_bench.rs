@@ -1,6 +1,10 @@
 //! `prefix-tune bench` through the real binary: the CPU attention bench gives well-formed JSON
 //! rows whose FLOP counts follow the formula, the CPU training bench reports tokens/s on tiny
-//! models, and the GPU benches without a GPU fail with a message (no panic).
+//! models, the GPU benches without a GPU fail with a message (no panic), and on the simulated
+//! device the training bench's exact counts are the same whether the kernels run or are only
+//! counted (`PTSIM_EXECUTE=0`).
+
+mod common;
 
 use std::process::{Command, Output};
 
@@ -29,6 +33,20 @@ fn num(r: &Value, key: &str) -> f64 {
     r[key]
         .as_f64()
         .unwrap_or_else(|| panic!("{key} missing in {r}"))
+}
+
+/// Whether the loaded driver is prefix-tune's simulator; else a visible skip (a failure under
+/// `PREFIX_TUNE_REQUIRE_SIM=1`).
+fn on_the_simulator(test: &str) -> bool {
+    if prefix_tune::cuda::context::simulated() {
+        return true;
+    }
+    common::skip(
+        "PREFIX_TUNE_REQUIRE_SIM",
+        test,
+        "the loaded CUDA driver is not prefix-tune's simulator (run under scripts/sim)",
+    );
+    false
 }
 
 fn gpu_present() -> bool {
@@ -237,4 +255,133 @@ fn gpu_benches_without_a_gpu_fail_cleanly() {
         );
         assert!(text(&out.stdout).trim().is_empty() || !text(&out.stdout).contains('{'));
     }
+}
+
+/// `PTSIM_EXECUTE=0` (count only, for full-size shapes in seconds) must count what a run that
+/// computes does: same launches, cuBLAS calls, copies, syncs, allocations and peak memory for a
+/// training step, a prefill and decoded tokens; and the computing run's loss is a real number.
+#[test]
+fn sim_counts_without_executing_match_a_run_that_computes() {
+    let test = "sim_counts_without_executing_match_a_run_that_computes";
+    if !on_the_simulator(test) {
+        return;
+    }
+    let args = [
+        "train",
+        "--device",
+        "cuda",
+        "--shape",
+        "tiny-gpu",
+        "--batch-size",
+        "2",
+        "--seq",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile-steps",
+        "0",
+        "--json",
+    ];
+    let run = |execute: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_prefix-tune"))
+            .arg("bench")
+            .args(args)
+            .env("PTSIM_EXECUTE", execute)
+            .output()
+            .expect("running prefix-tune");
+        assert!(
+            out.status.success(),
+            "PTSIM_EXECUTE={execute}: {}",
+            text(&out.stderr)
+        );
+        let rows = json_rows(&out);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows.into_iter().next().unwrap()
+    };
+    let computed = run("1");
+    let counted = run("0");
+    let loss = num(&computed, "loss");
+    assert!(
+        loss.is_finite() && loss > 1.0,
+        "loss {loss} (random tokens over 83: ~ln 83)"
+    );
+    for part in ["sim_step", "sim_prefill", "sim_decode"] {
+        let (a, b) = (&computed[part], &counted[part]);
+        let obj = a
+            .as_object()
+            .unwrap_or_else(|| panic!("{part} missing in {computed}"));
+        for key in [
+            "launches",
+            "cublas_calls",
+            "htod_copies",
+            "dtoh_copies",
+            "host_syncs",
+            "allocations",
+        ] {
+            assert!(obj.contains_key(key), "{part}.{key} missing: {a}");
+        }
+        assert!(num(a, "launches") > 0.0, "{part}: no launches counted: {a}");
+        // Frees are stream-ordered (cuMemFreeAsync), so the peak depends on when the stream
+        // reaches them: equal within 0.1%; every counter exactly.
+        let (pa, pb) = (num(a, "peak_bytes"), num(b, "peak_bytes"));
+        assert!(
+            (pa - pb).abs() <= 1e-3 * pa.max(pb),
+            "{part}: peak {pa} vs {pb}"
+        );
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("peak_bytes");
+            v
+        };
+        assert_eq!(
+            strip(a),
+            strip(b),
+            "{part}: computing and count-only runs differ"
+        );
+    }
+}
+
+/// A driver older than the kernels (CUDA 12.8, as on R570) is refused up front with the minimum
+/// driver named, `info` says which driver there is and which the kernels need, and
+/// `--device auto` falls back to the CPU. On the simulated device (`PTSIM_DRIVER_VERSION`).
+#[test]
+fn an_old_driver_is_named_and_refused_cleanly() {
+    let test = "an_old_driver_is_named_and_refused_cleanly";
+    if !on_the_simulator(test) {
+        return;
+    }
+    let run = |version: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_prefix-tune"))
+            .arg("info")
+            .env("PTSIM_DRIVER_VERSION", version)
+            .output()
+            .expect("running prefix-tune");
+        assert!(out.status.success(), "info failed: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let old = run("12080");
+    assert!(old.contains("driver         CUDA 12.8"), "{old}");
+    assert!(
+        old.contains("none usable") && old.contains("CUDA 13.0 or newer") && old.contains("R580"),
+        "{old}"
+    );
+    assert!(old.contains("the CPU reference engine"), "{old}");
+    let new = run("13000");
+    assert!(
+        new.contains("driver         CUDA 13.0") && !new.contains("none usable"),
+        "{new}"
+    );
+    // The GPU bench names the reason too (a non-zero exit, no panic).
+    let out = Command::new(env!("CARGO_BIN_EXE_prefix-tune"))
+        .args([
+            "bench", "train", "--device", "cuda", "--shape", "tiny-gpu", "--steps", "1",
+        ])
+        .env("PTSIM_DRIVER_VERSION", "12080")
+        .output()
+        .expect("running prefix-tune");
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert!(err.contains("CUDA 12.8") && err.contains("R580"), "{err}");
 }

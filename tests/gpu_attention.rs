@@ -1,5 +1,5 @@
 //! The fused prefix-attention kernels on a real GPU against the CPU reference (f64, from the same
-//! fp16 inputs): the shapes of the emulated tests plus realistic ones (T up to 2048, P up to 256).
+//! fp16 inputs): the small shapes of tests/gpu_attention_cases.rs plus realistic ones (T up to 2048, P up to 256).
 //! Outputs are poisoned with NaN before each launch and every element must come back written.
 //!
 //! Without a usable GPU the tests print SKIPPED and pass; with `PREFIX_TUNE_REQUIRE_GPU=1` they
@@ -165,7 +165,7 @@ fn run(g: &GpuContext, c: &Case, seed: u64) -> f64 {
     compare(&label, "lse", &lse_h, &lse_ref, &mut worst);
 
     let d_o_dev = upload(g, &d_o, nan);
-    let mut first_det: Option<Vec<Vec<u16>>> = None;
+    let mut first_det: Option<Vec<Vec<u64>>> = None;
     for (deterministic, run_no) in [(false, 0), (true, 0), (true, 1)] {
         println!("  backward, deterministic = {deterministic}");
         let mut ws = AttnWorkspace::new(g, &s, !deterministic).expect("workspace");
@@ -173,8 +173,8 @@ fn run(g: &GpuContext, c: &Case, seed: u64) -> f64 {
             dq: upload(g, &vec![nan; s.q_len()], nan),
             dk: upload(g, &vec![nan; s.kv_len()], nan),
             dv: upload(g, &vec![nan; s.kv_len()], nan),
-            d_prefix_k: upload(g, &vec![nan; s.bank_len()], nan),
-            d_prefix_v: upload(g, &vec![nan; s.bank_len()], nan),
+            d_prefix_k: upload(g, &vec![f32::NAN; s.bank_len()], f32::NAN),
+            d_prefix_v: upload(g, &vec![f32::NAN; s.bank_len()], f32::NAN),
         };
         gpu_attn::backward(
             g,
@@ -190,12 +190,14 @@ fn run(g: &GpuContext, c: &Case, seed: u64) -> f64 {
         )
         .expect("backward");
         g.synchronize().expect("backward ran");
+        // dQ, dK, dV are fp16, the prefix gradients fp32; all widened exactly to f64.
+        let wide32 = |x: Vec<f32>| -> Vec<f64> { x.into_iter().map(f64::from).collect() };
         let got = [
-            download(g, &grads.dq, s.q_len()),
-            download(g, &grads.dk, s.kv_len()),
-            download(g, &grads.dv, s.kv_len()),
-            download(g, &grads.d_prefix_k, s.bank_len()),
-            download(g, &grads.d_prefix_v, s.bank_len()),
+            widen(&download(g, &grads.dq, s.q_len())),
+            widen(&download(g, &grads.dk, s.kv_len())),
+            widen(&download(g, &grads.dv, s.kv_len())),
+            wide32(download(g, &grads.d_prefix_k, s.bank_len())),
+            wide32(download(g, &grads.d_prefix_v, s.bank_len())),
         ];
         let want = [
             &g_ref.dq,
@@ -207,11 +209,11 @@ fn run(g: &GpuContext, c: &Case, seed: u64) -> f64 {
         let names = ["dq", "dk", "dv", "d_prefix_k", "d_prefix_v"];
         if run_no == 0 {
             for ((x, w), n) in got.iter().zip(want).zip(names) {
-                compare(&label, n, &widen(x), w, &mut worst);
+                compare(&label, n, x, w, &mut worst);
             }
         }
         if deterministic {
-            let b: Vec<Vec<u16>> = got
+            let b: Vec<Vec<u64>> = got
                 .iter()
                 .map(|x| x.iter().map(|v| v.to_bits()).collect())
                 .collect();
@@ -258,23 +260,74 @@ fn gpu_attention_small_shapes() {
 
 #[test]
 fn gpu_attention_realistic_shapes() {
-    run_all(
-        "gpu_attention_realistic_shapes",
-        &[
-            case(2, 8, 2, 2048, 256, 128, 2, &[1, 0], &[2048, 1500]),
-            case(
-                4,
-                4,
-                4,
-                1024,
-                16,
-                64,
-                2,
-                &[0, 1, 1, 0],
-                &[1024, 1000, 513, 1],
-            ),
-            case(2, 6, 2, 777, 200, 64, 1, &[0, 0], &[777, 600]),
-            case(1, 8, 8, 512, 128, 128, 1, &[0], &[512]),
-        ],
-    );
+    let cases = [
+        case(2, 8, 2, 2048, 256, 128, 2, &[1, 0], &[2048, 1500]),
+        case(
+            4,
+            4,
+            4,
+            1024,
+            16,
+            64,
+            2,
+            &[0, 1, 1, 0],
+            &[1024, 1000, 513, 1],
+        ),
+        case(2, 6, 2, 777, 200, 64, 1, &[0, 0], &[777, 600]),
+        case(1, 8, 8, 512, 128, 128, 1, &[0], &[512]),
+    ];
+    // On the simulated device (a CPU running every CUDA thread) the long sequences would take
+    // many minutes: it runs the realistic case of T = 512 only; a GPU runs them all.
+    let cases: Vec<Case> = if prefix_tune::cuda::context::simulated() {
+        eprintln!("gpu_attention_realistic_shapes: simulated device: the T = 512 case only");
+        cases.into_iter().filter(|c| c.shape.seq <= 512).collect()
+    } else {
+        cases.into()
+    };
+    run_all("gpu_attention_realistic_shapes", &cases);
+}
+
+/// Shapes that select every path of the backward's (query head, 128-key block) grid: several
+/// sequence key blocks with masked diagonal steps (one 128-row step at D = 64, two 64-row steps
+/// at D = 128) and unmasked main-loop steps; prefix blocks (P = 1, 10, 128, 130: one key, a short
+/// prefix, exactly one block, two blocks); GQA groups of 2 and 3 (SmolLM2's 9/3 heads) folded
+/// into the dK/dV and prefix reductions; padded sequences (one empty, lengths off the step edges);
+/// and a seeded random draw around the tile edges.
+#[test]
+fn gpu_attention_randomized_shapes() {
+    let mut cases = vec![
+        // SmolLM2's heads, P = 10, three sequence key blocks (T past two 128-row query steps).
+        case(1, 9, 3, 300, 10, 64, 1, &[0], &[300]),
+        // D = 128: two 64-row masked steps per diagonal; two prefix blocks (P = 130), GQA 2.
+        case(2, 4, 2, 257, 130, 128, 2, &[1, 0], &[257, 129]),
+        // Exactly one prefix block, MHA (dK/dV written by the dK/dV kernel itself), padding.
+        case(2, 2, 2, 256, 128, 64, 2, &[0, 1], &[256, 100]),
+        // One prefix key, GQA 3, an empty sequence.
+        case(2, 3, 1, 129, 1, 128, 1, &[0, 0], &[129, 0]),
+    ];
+    let mut rng = StdRng::seed_from_u64(0x5eed_b4c7);
+    for _ in 0..3 {
+        let head_dim = if rng.random_bool(0.5) { 64 } else { 128 };
+        let kv_heads = rng.random_range(1..=2);
+        let q_heads = kv_heads * rng.random_range(1..=3);
+        let batch = rng.random_range(1..=2);
+        let edges = [1, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257];
+        let seq = edges[rng.random_range(0..edges.len())];
+        let prefix = [0, 1, 10, 16, 127, 128, 129][rng.random_range(0..7)];
+        let n_prefixes = if prefix > 0 { 2 } else { 0 };
+        let prefix_index: Vec<usize> = (0..batch).map(|_| rng.random_range(0..2)).collect();
+        let valid_len: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=seq)).collect();
+        cases.push(case(
+            batch,
+            q_heads,
+            kv_heads,
+            seq,
+            prefix,
+            head_dim,
+            n_prefixes,
+            &prefix_index,
+            &valid_len,
+        ));
+    }
+    run_all("gpu_attention_randomized_shapes", &cases);
 }

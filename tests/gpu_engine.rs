@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use prefix_tune::cuda::engine::CudaEngine;
 use prefix_tune::cuda::GpuContext;
-use prefix_tune::engine::{open_engine, CpuEngine, Device, Engine, GradOverflow};
+use prefix_tune::devices::open_engine;
+use prefix_tune::engine::{CpuEngine, Device, Engine, GradOverflow};
 use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
 use prefix_tune::model::load_model;
 use prefix_tune::prefix::PrefixBank;
@@ -385,7 +386,7 @@ fn smollm2_loss_and_grad() {
     let mut cpu = CpuEngine::new(w.clone());
     let cfg = w.config.clone();
     // Real-word prefixes with real weights (random ones make the fp16 gradient of a deep real
-    // model's first layers ill-conditioned: see tests/emulated_smollm2.rs).
+    // model's first layers ill-conditioned: see tests/gpu_smollm2.rs).
     let bank = match &tokenizer {
         Some(t) => {
             let texts = [

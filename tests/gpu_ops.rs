@@ -283,10 +283,6 @@ fn adamw_step_matches_cpu() {
             em < 1e-6 && ev < 1e-6,
             "AdamW moments rel err m {em:.3e} v {ev:.3e}"
         );
-        assert!(
-            du.iter().all(|&d| d != 0.0),
-            "some parameter was not updated"
-        );
 
         // Against the crate's f32 CPU optimizer (same f32 operation order, up to FMA contraction).
         let mut cpu = AdamW::new(config, n);
@@ -304,6 +300,15 @@ fn adamw_step_matches_cpu() {
         let ec = rel_err(&du, &dc);
         eprintln!("AdamW t={t}: GPU vs optim::AdamW update rel err {ec:.3e}");
         assert!(ec < 1e-4, "GPU vs optim::AdamW rel err {ec:.3e}");
+        // Every parameter the f32 CPU step moves, the kernel moves too (a skipped element would
+        // stay put). Not "every parameter moves": an update below half an ulp of the parameter
+        // rounds away in f32 on both sides (6 of the t = 7 case's 100003).
+        let skipped = du
+            .iter()
+            .zip(&dc)
+            .filter(|(&g, &c)| g == 0.0 && c != 0.0)
+            .count();
+        assert_eq!(skipped, 0, "{skipped} parameters not updated by the kernel");
 
         if with_f16 {
             let h = download(&s, &dh);

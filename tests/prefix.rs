@@ -9,9 +9,10 @@ use prefix_tune::model::{Arch, ModelConfig};
 use prefix_tune::prefix::file::load_prefix_for;
 use prefix_tune::prefix::peft::peft_width;
 use prefix_tune::prefix::{
-    bank_from_kv, check_compatible, export_peft_adapter, from_peft, import_peft_adapter,
-    load_prefix, save_prefix, to_peft, Positions, PrefixBank, PrefixMeta, Reparam,
+    check_compatible, export_peft_adapter, from_peft, import_peft_adapter, load_prefix,
+    save_prefix, to_peft, Positions, PrefixBank, PrefixMeta, Reparam,
 };
+use prefix_tune::reference::init::bank_from_kv;
 use prefix_tune::reference::real::rel_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -799,7 +800,7 @@ fn peft_adapter_import_refusals_name_the_file() {
 /// text ++ continuation.
 #[test]
 fn init_from_text_prefix_acts_like_the_text() {
-    use prefix_tune::prefix::init_from_text;
+    use prefix_tune::reference::init::init_from_text;
     use prefix_tune::reference::model::{logits, Batch, RunOptions};
     use prefix_tune::reference::testing::{random_model, tiny_config};
     for arch in [Arch::Llama, Arch::Gpt2] {

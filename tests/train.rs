@@ -605,7 +605,8 @@ fn init_from_a_peft_adapter_and_from_text() {
     let m = load_model(&mdir).unwrap();
     let tokens = m.tokenizer.encode("table:").unwrap();
     let cycled: Vec<u32> = tokens.iter().copied().cycle().take(9).collect();
-    let want = prefix_tune::prefix::init_from_text(&m.weights.cast::<f64>(), &cycled).unwrap();
+    let want =
+        prefix_tune::reference::init::init_from_text(&m.weights.cast::<f64>(), &cycled).unwrap();
     let out = d.path().join("text");
     run_ok(&[
         "train",

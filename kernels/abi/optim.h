@@ -44,6 +44,8 @@ typedef struct pt_sgd_params {
  * most blocks the first stage may use (the finishing stage reduces at most this many partials). */
 #define PT_REDUCE_THREADS 256
 #define PT_REDUCE_MAX_BLOCKS 1024
+/* Dynamic shared memory of both reduction kernels: one float per warp (at most 32 warps). */
+#define PT_REDUCE_SMEM 128
 
 /* Sum of squares of n fp32 values, in two stages: stage 1 writes one partial per block,
  * stage 2 (one block) adds the `n` partials; with `accumulate` != 0 it adds to *out instead of

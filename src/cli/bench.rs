@@ -2,8 +2,10 @@
 //!
 //! - `bench attention`: the fused prefix-attention kernels on the GPU, forward and backward (with
 //!   the prefix-gradient reduction), on the grid of the kernel issue (B = 8, Hq = 16,
-//!   T ∈ {512, 1024, 2048, 4096}, P ∈ {16, 128}, D ∈ {64, 128}), timed with CUDA events; or the CPU
+//!   T ∈ {512, 1024, 2048, 4096}, P ∈ {10, 16, 128}, D ∈ {64, 128}; GQA 9/3 at D = 64, P = 10), timed with CUDA events; or the CPU
 //!   reference attention (plain and blockwise, f32) on a small grid with `--device cpu`.
+//! - `bench decode`: the KV-cache decode attention on the GPU (split-KV and one-warp-per-row
+//!   kernels): tokens/s and GB/s against the device's memory bandwidth.
 //! - `bench train`: the prefix-only training step (loss and prefix gradient through the
 //!   [`Engine`], plus the AdamW update) on model shapes of interest with random weights (speed does
 //!   not depend on the values), or on a real model: step time, tokens/s, the forward's time and,
@@ -20,13 +22,15 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::bench::{
-    bench_cpu_attention, bench_gpu_attention, bench_train_steps, cpu_attention_grid,
-    gpu_attention_grid, AttnBenchOpts, AttnRow,
+    bench_cpu_attention, bench_gpu_attention, bench_gpu_decode, bench_train_steps,
+    cpu_attention_grid, gpu_attention_grid, gpu_decode_grid, tiny_attention_grid, AttnBenchOpts,
+    AttnRow, DecodeRow, GPU_PROTOCOL,
 };
 use crate::cuda::device_optim::DeviceOptimEngine;
 use crate::cuda::engine::CudaEngine;
 use crate::cuda::GpuContext;
-use crate::engine::{open_engine_with, Device, Engine, EngineOptions};
+use crate::devices::open_engine_with;
+use crate::engine::{Device, Engine, EngineOptions};
 use crate::model::config::{Arch, LayerWeights, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
 use crate::reference::model::{Batch, RunOptions};
@@ -37,6 +41,7 @@ use crate::reference::testing::{smollm2_135m_config, tiny_config};
 #[command(after_help = "Examples:
   prefix-tune bench attention                 (GPU kernels, the full grid)
   prefix-tune bench attention --device cpu --quick --json
+  prefix-tune bench decode --json
   prefix-tune bench train --device cuda --shape smollm2-135m gpt2-medium
   prefix-tune bench train --device cpu --shape tiny-llama")]
 pub struct BenchArgs {
@@ -49,8 +54,12 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Prefix attention forward and backward: the GPU kernels, or the CPU reference.
     Attention(AttentionBenchArgs),
+    /// KV-cache decode attention on the GPU: tokens/s and GB/s against the memory bound.
+    Decode(DecodeBenchArgs),
     /// Training steps (loss, prefix gradient, AdamW update) of an engine.
     Train(TrainBenchArgs),
+    /// A load test of `prefix-tune serve` on loopback (see `bench serve --help`).
+    Serve(super::serve::BenchServeArgs),
 }
 
 /// Where a benchmark runs.
@@ -70,6 +79,10 @@ pub struct AttentionBenchArgs {
     /// A smaller grid (GPU: T ∈ {512, 2048}; CPU: T = 32).
     #[arg(long)]
     pub quick: bool,
+    /// A tiny grid (B=1, Hq=2, Hkv=1, T=64, P=10, both head dims): a smoke test of the benchmark
+    /// itself, e.g. on the simulated device (scripts/gpu-check's dry run).
+    #[arg(long, conflicts_with = "quick")]
+    pub tiny: bool,
     /// Also time the deterministic backward (dQ without float atomics).
     #[arg(long)]
     pub deterministic: bool,
@@ -77,11 +90,37 @@ pub struct AttentionBenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Untimed calls per pass before measuring.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = GPU_PROTOCOL.warmup)]
     pub warmup: usize,
     /// Timed runs per pass; the median is reported (default: GPU 10, CPU 3).
     #[arg(long)]
     pub reps: Option<usize>,
+    /// GPU: back-to-back calls between the two events of a run (tools/bench/torch_attention.py
+    /// uses the same default).
+    #[arg(long, default_value_t = GPU_PROTOCOL.calls_per_rep)]
+    pub calls: usize,
+    /// GPU: do not flush the L2 cache before each run (both sides then run warm).
+    #[arg(long)]
+    pub no_l2_flush: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DecodeBenchArgs {
+    /// A smaller grid (B in {1, 32}, past in {512, 8192}).
+    #[arg(long)]
+    pub quick: bool,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Timed runs per case; the median is reported.
+    #[arg(long, default_value_t = GPU_PROTOCOL.reps)]
+    pub reps: usize,
+    /// Back-to-back calls between the two events of a run.
+    #[arg(long, default_value_t = GPU_PROTOCOL.calls_per_rep)]
+    pub calls: usize,
+    /// Do not flush the L2 cache before each run.
+    #[arg(long)]
+    pub no_l2_flush: bool,
 }
 
 /// Model shapes for `bench train` (random weights).
@@ -96,6 +135,9 @@ pub enum BenchShape {
     TinyLlama,
     /// The tests' tiny GPT-2 (2 layers, d=32, vocab 61, 40 positions).
     TinyGpt2,
+    /// A tiny Llama the GPU kernels take (2 layers, d=96, 4 heads of 64 / 2 kv heads, vocab 83):
+    /// for a quick look on the simulated device.
+    TinyGpu,
 }
 
 impl BenchShape {
@@ -106,6 +148,7 @@ impl BenchShape {
             BenchShape::Gpt2Medium => "gpt2-medium",
             BenchShape::TinyLlama => "tiny-llama",
             BenchShape::TinyGpt2 => "tiny-gpt2",
+            BenchShape::TinyGpu => "tiny-gpu",
         }
     }
 
@@ -116,6 +159,16 @@ impl BenchShape {
             BenchShape::Gpt2Medium => gpt2_medium_config(),
             BenchShape::TinyLlama => tiny_config(Arch::Llama, true),
             BenchShape::TinyGpt2 => tiny_config(Arch::Gpt2, true),
+            BenchShape::TinyGpu => {
+                let mut cfg = tiny_config(Arch::Llama, false);
+                cfg.head_dim = 64;
+                cfg.d_model = 96;
+                cfg.n_heads = 4;
+                cfg.n_kv_heads = 2;
+                cfg.d_ff = 112;
+                cfg.vocab_size = 83;
+                cfg
+            }
         }
     }
 }
@@ -184,7 +237,9 @@ pub struct TrainBenchArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Attention(a) => attention(a),
+        BenchWhat::Decode(d) => decode(d),
         BenchWhat::Train(t) => train(t),
+        BenchWhat::Serve(s) => super::serve::bench(s),
     }
 }
 
@@ -192,12 +247,13 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
     let cpu = a.device == BenchDevice::Cpu;
     let opts = AttnBenchOpts {
         warmup: a.warmup,
-        reps: a.reps.unwrap_or(if cpu { 3 } else { 10 }),
-        calls_per_rep: if cpu { 1 } else { 5 },
+        reps: a.reps.unwrap_or(if cpu { 3 } else { GPU_PROTOCOL.reps }),
+        calls_per_rep: if cpu { 1 } else { a.calls },
         deterministic: a.deterministic,
+        flush_l2: !cpu && !a.no_l2_flush,
     };
-    if opts.reps == 0 {
-        bail!("--reps must be positive");
+    if opts.reps == 0 || opts.calls_per_rep == 0 {
+        bail!("--reps and --calls must be positive");
     }
     let gpu = if cpu {
         None
@@ -208,9 +264,17 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
         )?)
     };
     let shapes = if cpu {
-        cpu_attention_grid(a.quick)
+        if a.tiny {
+            tiny_attention_grid()
+        } else {
+            cpu_attention_grid(a.quick)
+        }
     } else {
-        gpu_attention_grid(a.quick)
+        if a.tiny {
+            tiny_attention_grid()
+        } else {
+            gpu_attention_grid(a.quick)
+        }
     };
     if let Some(g) = &gpu {
         eprintln!("{}", g.description());
@@ -234,11 +298,88 @@ fn attention(a: AttentionBenchArgs) -> Result<()> {
     if !a.json {
         let s = shapes[0];
         println!(
-            "(B={}, Hq={}, Hkv={}; median of {} runs after {} warm-up calls; FLOPs: fwd \
-             4*B*Hq*D*T*(P+T/2), bwd 2.5x; bwd includes the prefix-gradient reduction)",
-            s.batch, s.q_heads, s.kv_heads, opts.reps, opts.warmup
+            "(B={}, Hq={}, Hkv={}; median of {} runs of {} back-to-back calls after {} warm-up \
+             calls{}; FLOPs: fwd 4*B*Hq*D*T*(P+T/2), bwd 2.5x; bwd includes the prefix-gradient \
+             reduction)",
+            s.batch,
+            s.q_heads,
+            s.kv_heads,
+            opts.reps,
+            opts.calls_per_rep,
+            opts.warmup,
+            if opts.flush_l2 {
+                ", L2 flushed before each run"
+            } else {
+                ""
+            }
         );
     }
+    Ok(())
+}
+
+fn decode(a: DecodeBenchArgs) -> Result<()> {
+    let opts = AttnBenchOpts {
+        reps: a.reps,
+        calls_per_rep: a.calls,
+        flush_l2: !a.no_l2_flush,
+        ..GPU_PROTOCOL
+    };
+    if opts.reps == 0 || opts.calls_per_rep == 0 {
+        bail!("--reps and --calls must be positive");
+    }
+    let g = GpuContext::new(0)
+        .context("bench decode times the GPU decode-attention kernels and needs a usable GPU")?;
+    eprintln!("{}", g.description());
+    if !a.json {
+        println!(
+            "{:<17} {:>3} {:>7} {:>4} {:>6} {:>6} {:>9} {:>11} {:>8} {:>6}",
+            "impl", "B", "heads", "D", "past", "splits", "us", "tokens/s", "GB/s", "bound"
+        );
+    }
+    for (i, c) in gpu_decode_grid(a.quick).iter().enumerate() {
+        for r in bench_gpu_decode(&g, c, &opts, 31 + i as u64)? {
+            print_decode_row(&r, a.json)?;
+        }
+    }
+    if !a.json {
+        println!(
+            "(one new token per sequence, one layer's attention; GB/s: K and V of every visible \
+             key plus q and o, fp16; bound: memory clock x bus width x 2; median of {} runs of {} \
+             calls{})",
+            opts.reps,
+            opts.calls_per_rep,
+            if opts.flush_l2 {
+                ", L2 flushed before each run"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn print_decode_row(r: &DecodeRow, json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(r)?)?;
+    } else {
+        writeln!(
+            out,
+            "{:<17} {:>3} {:>7} {:>4} {:>6} {:>6} {:>9.1} {:>11.0} {:>8.1} {:>5.0}%",
+            r.implementation,
+            r.batch,
+            format!("{}/{}", r.q_heads, r.kv_heads),
+            r.head_dim,
+            r.past,
+            r.splits,
+            r.us,
+            r.tokens_per_s,
+            r.gb_s,
+            100.0 * r.gb_s / r.bound_gb_s
+        )?;
+    }
+    out.flush()?;
     Ok(())
 }
 
@@ -429,14 +570,14 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             a.prefix_len
         );
         // The GPU engine is kept concrete to read its memory counters.
-        let (timing, mem, device, profile) = if cpu {
+        let (timing, mem, device, profile, sim) = if cpu {
             let opts = EngineOptions {
                 recompute: a.recompute,
             };
             let mut engine = open_engine_with(weights, Device::Cpu, &opts)?;
             let t = bench_train_steps(engine.as_mut(), &mut prefix, &batch, warmup, steps)
                 .with_context(|| format!("bench train {name}"))?;
-            (t, None, engine.describe(), None)
+            (t, None, engine.describe(), None, None)
         } else {
             let mut engine = CudaEngine::new(weights).with_context(|| {
                 format!(
@@ -448,6 +589,9 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             let mut wrapped = DeviceOptimEngine::new(engine);
             let t = bench_train_steps(&mut wrapped, &mut prefix, &batch, warmup, steps)
                 .with_context(|| format!("bench train {name}"))?;
+            // The simulated device's exact counts of one step, a prefill and decoded tokens.
+            let sim = crate::bench::sim_step_counts(&mut wrapped, &mut prefix, &batch, 32, 8)
+                .with_context(|| format!("bench train {name}: the simulator's counts"))?;
             let describe = wrapped.describe();
             let mut engine = wrapped.engine;
             let profile = if a.profile_steps > 0 {
@@ -465,7 +609,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
                 engine.loss_scale(),
                 engine.overflow_skips(),
             );
-            (t, Some(mem), describe, profile)
+            (t, Some(mem), describe, profile, sim)
         };
         let tokens = (batch_size * seq) as f64;
         if a.json {
@@ -480,6 +624,13 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             });
             if let Some(p) = &profile {
                 row["profile"] = serde_json::to_value(p)?;
+            }
+            if let Some(c) = &sim {
+                row["sim_step"] = c.step.to_json();
+                row["sim_prefill"] = c.prefill.to_json();
+                row["sim_prefill_tokens"] = c.prompt.into();
+                row["sim_decode"] = c.decode.to_json();
+                row["sim_decode_tokens"] = c.tokens.into();
             }
             if let Some((alloc, peak, scale, skips)) = mem {
                 row["allocated_mib"] = alloc.into();
@@ -534,6 +685,19 @@ fn train(a: TrainBenchArgs) -> Result<()> {
             if let Some(p) = &profile {
                 print!("{}", format_profile(&name, p));
             }
+            if let Some(c) = &sim {
+                println!("  {name} on the simulated device (exact counts):");
+                println!("    per training step: {}", c.step.summary(1));
+                println!(
+                    "    prefill of {} tokens x {batch_size}: {}",
+                    c.prompt,
+                    c.prefill.summary(1)
+                );
+                println!(
+                    "    per decoded token (x {batch_size} sequences): {}",
+                    c.decode.summary(c.tokens)
+                );
+            }
         }
     }
     if !a.json {
@@ -542,6 +706,17 @@ fn train(a: TrainBenchArgs) -> Result<()> {
              B*T / step; alloc = weights + workspaces; peak = device memory in use as the driver \
              reports it)"
         );
+        if crate::cuda::context::simulated() {
+            println!(
+                "(on the simulated device the times are the simulator's on this CPU, not a GPU's; \
+                 the counts are exact{})",
+                if crate::cuda::context::simulator_execute() {
+                    ""
+                } else {
+                    "; PTSIM_EXECUTE=0: nothing was computed"
+                }
+            );
+        }
     }
     Ok(())
 }

@@ -17,7 +17,8 @@ use super::{load_model_arg, load_prefix_arg, positive_usize};
 use crate::data::{
     effective_max_len, encode_examples, load_examples, make_batch, special_tokens, LongPolicy,
 };
-use crate::engine::{open_engine_with, Device, EngineOptions};
+use crate::devices::open_engine_with;
+use crate::engine::{Device, EngineOptions};
 use crate::model::LoadedModel;
 use crate::prefix::file::parse_positions;
 use crate::reference::model::{Positions, RunOptions};

@@ -14,7 +14,8 @@ use super::{
     finite_f64, load_model_arg, load_prefix_arg, parse_positions, positive_f64, positive_usize,
     probability, LoadedPrefix,
 };
-use crate::engine::{open_engine, Device};
+use crate::devices::open_engine;
+use crate::engine::Device;
 use crate::generate::{generate, Finish, GenerateOptions, Generation, Request, Sampling, Strategy};
 use crate::model::{Arch, LoadedModel};
 use crate::prefix::PrefixBank;

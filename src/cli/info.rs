@@ -1,5 +1,6 @@
 //! `prefix-tune info`: what a model is (architecture, sizes, tokenizer, parameters), what a
 //! prefix of a given length costs on it, and whether a GPU and the kernels are available.
+//! Without `--model` only the machine: the GPU (or why none is usable) and the kernels.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,11 +14,13 @@ use super::{load_model_arg, positive_usize};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   prefix-tune info --model ~/.cache/prefix-tune/models/SmolLM2-135M-Instruct.Q4_1.gguf
-  prefix-tune info --model tests/fixtures/gpt2_tiny --prefix-len 10 --json")]
+  prefix-tune info --model tests/fixtures/gpt2_tiny --prefix-len 10 --json
+  prefix-tune info            # only the GPU and the kernels")]
 pub struct InfoArgs {
     /// The model: an HF directory (config.json + safetensors + tokenizer) or a .gguf file.
+    /// Without it, only the GPU and the kernels are described.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Prefix length (virtual tokens) whose cost to report.
     #[arg(long, default_value_t = 10, value_parser = positive_usize)]
     pub prefix_len: usize,
@@ -28,7 +31,10 @@ pub struct InfoArgs {
 
 /// Runs `prefix-tune info`.
 pub fn run(args: InfoArgs) -> Result<()> {
-    let m = load_model_arg(&args.model)?;
+    let Some(model) = &args.model else {
+        return machine(args.json);
+    };
+    let m = load_model_arg(model)?;
     let c = &m.weights.config;
     let n_params = m.weights.n_params();
     let p = args.prefix_len;
@@ -39,7 +45,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let v = json!({
-            "model": args.model.display().to_string(),
+            "model": model.display().to_string(),
             "architecture": c.arch,
             "vocab_size": c.vocab_size,
             "d_model": c.d_model,
@@ -65,12 +71,14 @@ pub fn run(args: InfoArgs) -> Result<()> {
             },
             "gpu": match &gpu { Ok(d) => json!(d), Err(_) => serde_json::Value::Null },
             "gpu_error": gpu.as_ref().err(),
+            "driver_cuda_version": crate::cuda::context::driver_cuda_version(),
+            "min_driver_cuda_version": crate::cuda::context::MIN_DRIVER_CUDA_VERSION,
             "kernels_built": kernels,
         });
         writeln!(out, "{v}")?;
         return Ok(());
     }
-    writeln!(out, "model          {}", args.model.display())?;
+    writeln!(out, "model          {}", model.display())?;
     writeln!(out, "architecture   {:?}", c.arch)?;
     writeln!(
         out,
@@ -110,9 +118,46 @@ pub fn run(args: InfoArgs) -> Result<()> {
         c.kv_dim(),
         human_bytes(prefix_params * 4)
     )?;
-    match &gpu {
+    machine_lines(&mut out, &gpu, kernels)
+}
+
+/// `prefix-tune info` without a model.
+fn machine(json: bool) -> Result<()> {
+    let gpu = crate::cuda::gpu_available();
+    let kernels = crate::cuda::kernels_built();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = json!({
+            "gpu": match &gpu { Ok(d) => json!(d), Err(_) => serde_json::Value::Null },
+            "gpu_error": gpu.as_ref().err(),
+            "driver_cuda_version": crate::cuda::context::driver_cuda_version(),
+            "min_driver_cuda_version": crate::cuda::context::MIN_DRIVER_CUDA_VERSION,
+            "kernels_built": kernels,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    machine_lines(&mut out, &gpu, kernels)
+}
+
+/// The GPU, kernels and `--device auto` lines of the text output.
+fn machine_lines(out: &mut impl Write, gpu: &Result<String, String>, kernels: bool) -> Result<()> {
+    use crate::cuda::context::{cuda_version_string, driver_cuda_version, MIN_DRIVER_CUDA_VERSION};
+    match gpu {
         Ok(d) => writeln!(out, "GPU            {d}")?,
         Err(e) => writeln!(out, "GPU            none usable ({e})")?,
+    }
+    let min = cuda_version_string(MIN_DRIVER_CUDA_VERSION);
+    match driver_cuda_version() {
+        Some(v) => writeln!(
+            out,
+            "driver         CUDA {} (the kernels need CUDA {min} or newer: driver R580+)",
+            cuda_version_string(v)
+        )?,
+        None => writeln!(
+            out,
+            "driver         none (the kernels need CUDA {min} or newer: driver R580+)"
+        )?,
     }
     writeln!(
         out,

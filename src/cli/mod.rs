@@ -6,7 +6,7 @@
 //! exits with status 1 (clap's own usage errors exit with 2).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::model::{load_model, LoadedModel};
-use crate::prefix::{import_peft_adapter, load_prefix_for, PrefixBank};
 use crate::reference::model::Positions;
 
 pub mod bench;
@@ -22,10 +21,8 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
+pub mod serve;
 pub mod train;
-
-/// File name of the final prefix inside a training `--out` directory.
-pub const FINAL_PREFIX_FILE: &str = "prefix.safetensors";
 
 /// Prefix tuning of frozen language models (Li & Liang 2021), on the CPU or a CUDA GPU.
 #[derive(Debug, Parser)]
@@ -33,7 +30,8 @@ pub const FINAL_PREFIX_FILE: &str = "prefix.safetensors";
 #[command(after_help = "Examples:
   prefix-tune info --model SmolLM2-135M-Instruct.Q4_1.gguf
   prefix-tune train --model SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --out run1
-  prefix-tune generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prefix run1 --input \"name[Aromi]\"")]
+  prefix-tune generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prefix run1 --input \"name[Aromi]\"
+  prefix-tune serve --model SmolLM2-135M-Instruct.Q4_1.gguf --prefix e2e=run1")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -54,6 +52,9 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Benchmarks: `bench attention` (the fused prefix attention) and `bench train` (training steps).
     Bench(bench::BenchArgs),
+    /// An OpenAI-compatible HTTP server: completions and chat with the base model and prefixes,
+    /// continuous batching of mixed prefixes.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs one parsed command.
@@ -65,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
@@ -111,89 +113,15 @@ pub fn load_model_arg(path: &Path) -> Result<LoadedModel> {
     Ok(m)
 }
 
-/// What a `--prefix` path turned out to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefixKind {
-    /// A prefix-tune prefix file.
-    File,
-    /// A training `--out` directory (its final prefix).
-    TrainingDir,
-    /// A HF PEFT prefix-tuning adapter directory.
-    Peft,
-}
-
-/// A prefix loaded from a `--prefix` argument and checked against a model.
-#[derive(Clone, Debug)]
-pub struct LoadedPrefix {
-    pub bank: PrefixBank<f32>,
-    /// The position convention it was trained with (PEFT adapters: after the prefix).
-    pub positions: Positions,
-    pub kind: PrefixKind,
-    /// The file the prefix was read from.
-    pub path: PathBuf,
-}
+pub use crate::prefix::resolve::{
+    load_prefix_for_model, LoadedPrefix, PrefixKind, FINAL_PREFIX_FILE,
+};
 
 /// Resolves a `--prefix` path: a prefix file, a training `--out` directory (its
 /// [`FINAL_PREFIX_FILE`]) or a PEFT adapter directory (`adapter_config.json`). A prefix made for
 /// another model (fingerprint, architecture or shapes) is refused.
 pub fn load_prefix_arg(path: &Path, model: &LoadedModel) -> Result<LoadedPrefix> {
-    let cfg = &model.weights.config;
-    if !path.exists() {
-        bail!("prefix {}: no such file or directory", path.display());
-    }
-    let peft_dir = if path.is_dir() && path.join("adapter_config.json").is_file() {
-        Some(path.to_path_buf())
-    } else if path.is_file()
-        && path
-            .file_name()
-            .is_some_and(|n| n == "adapter_model.safetensors")
-        && path.with_file_name("adapter_config.json").is_file()
-    {
-        path.parent().map(Path::to_path_buf)
-    } else {
-        None
-    };
-    if let Some(dir) = peft_dir {
-        let (bank, info) = import_peft_adapter(&dir)?;
-        info.check_model(cfg).with_context(|| {
-            format!(
-                "PEFT adapter {} does not fit this model: it was made for another model",
-                dir.display()
-            )
-        })?;
-        if info.prefix_projection {
-            eprintln!(
-                "note: {} was trained with prefix_projection; its saved prompt_embeddings are used",
-                dir.display()
-            );
-        }
-        return Ok(LoadedPrefix {
-            bank,
-            positions: Positions::AfterPrefix,
-            kind: PrefixKind::Peft,
-            path: dir,
-        });
-    }
-    let (file, kind) = if path.is_dir() {
-        let f = path.join(FINAL_PREFIX_FILE);
-        if !f.is_file() {
-            bail!(
-                "prefix {}: a directory that is neither a training output (no {FINAL_PREFIX_FILE}) \
-                 nor a PEFT adapter (no adapter_config.json)",
-                path.display()
-            );
-        }
-        (f, PrefixKind::TrainingDir)
-    } else {
-        (path.to_path_buf(), PrefixKind::File)
-    };
-    let (bank, meta) = load_prefix_for(&file, cfg, &model.fingerprint)?;
-    Ok(LoadedPrefix {
-        bank,
-        positions: meta.positions,
-        kind,
-        path: file,
-    })
+    load_prefix_for_model(path, &model.weights.config, &model.fingerprint)
 }
 
 /// clap parser for `--positions`.

@@ -3,21 +3,22 @@
 //! gradients summed over the sequences using each prefix), on fp16 device buffers.
 //!
 //! [`attn_params`] validates a shape and fills the ABI struct; it is shared with the host
-//! emulation (`crate::emu`), which runs the same kernel sources on the CPU.
+//! simulated device (sim/), which runs the same kernel sources on the CPU.
 
 use anyhow::{bail, Result};
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::abi::{
-    pt_attn_params, PT_ATTN_BWD_BLOCK_N, PT_ATTN_DKDV_SMEM_D128, PT_ATTN_DKDV_SMEM_D64,
-    PT_ATTN_DQ_SMEM_D128, PT_ATTN_DQ_SMEM_D64, PT_ATTN_FWD_BLOCK_M, PT_ATTN_FWD_SMEM_D128,
-    PT_ATTN_FWD_SMEM_D64, PT_ATTN_PRE_ROWS, PT_ATTN_THREADS,
+    pt_attn_params, PT_ATTN_BWD_BLOCK_M_D128, PT_ATTN_BWD_BLOCK_M_D64, PT_ATTN_BWD_BLOCK_N,
+    PT_ATTN_BWD_THREADS, PT_ATTN_DKDV_SMEM_D128, PT_ATTN_DKDV_SMEM_D64, PT_ATTN_DQ_BLOCK_M,
+    PT_ATTN_DQ_BLOCK_N, PT_ATTN_DQ_SMEM_D128, PT_ATTN_DQ_SMEM_D64, PT_ATTN_FWD_BLOCK_M,
+    PT_ATTN_FWD_BLOCK_N_D128, PT_ATTN_FWD_BLOCK_N_D64, PT_ATTN_FWD_SMEM_D128, PT_ATTN_FWD_SMEM_D64,
+    PT_ATTN_PRE_ROWS, PT_ATTN_ROW_PAD, PT_ATTN_THREADS,
 };
-use super::context::GpuContext;
+use super::context::{launched, GpuContext};
 
-use crate::reference::attention::AttnShape;
+use crate::types::AttnShape;
 
 /// Head dims with a compiled kernel.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -134,7 +135,7 @@ pub fn index_arrays(
 /// The embedded module holding the kernels (`kernels/prefix_attention.cu`).
 const MODULE: &str = "prefix_attention";
 
-/// Device inputs of one call, in the layouts of [`crate::reference::attention`]. The bank
+/// Device inputs of one call, in the layouts of `reference::attention`. The bank
 /// buffers may hold a single dummy element when P = 0 (CUDA cannot allocate zero bytes).
 pub struct DevAttnInputs<'a> {
     /// `[B, Hq, T, D]`.
@@ -158,17 +159,41 @@ pub struct DevAttnGrads {
     pub dq: CudaSlice<f16>,
     pub dk: CudaSlice<f16>,
     pub dv: CudaSlice<f16>,
-    pub d_prefix_k: CudaSlice<f16>,
-    pub d_prefix_v: CudaSlice<f16>,
+    /// fp32: the reduced prefix gradient (the trained quantity) is never rounded to fp16.
+    pub d_prefix_k: CudaSlice<f32>,
+    pub d_prefix_v: CudaSlice<f32>,
 }
 
-/// fp32 scratch of the backward: delta, the dQ accumulator (atomic mode) and the per-sequence
-/// prefix-gradient partials.
+/// fp32 scratch of the backward (abi/attention.h): lse2 and delta on padded rows, the dQ
+/// accumulator (atomic mode), the per-(sequence, query head) prefix-gradient partials and, with
+/// GQA, the per-query-head dK/dV partials.
 pub struct AttnWorkspace {
+    lse2: CudaSlice<f32>,
     delta: CudaSlice<f32>,
     dq_accum: CudaSlice<f32>,
     dpk_partial: CudaSlice<f32>,
     dpv_partial: CudaSlice<f32>,
+    dk_partial: CudaSlice<f32>,
+    dv_partial: CudaSlice<f32>,
+}
+
+/// Rows of the lse2 / delta scratch per (sequence, query head): T rounded up to
+/// `PT_ATTN_ROW_PAD` (whole query steps of every backward kernel, 16-byte aligned rows).
+pub fn padded_rows(seq: usize) -> usize {
+    seq.div_ceil(PT_ATTN_ROW_PAD as usize) * PT_ATTN_ROW_PAD as usize
+}
+
+/// Elements of the backward's scratch buffers for shape `s`:
+/// `(lse2 and delta, dq_accum, prefix partials, GQA dK/dV partials)` (0: not needed).
+pub fn workspace_lens(s: &AttnShape, atomic_dq: bool) -> (usize, usize, usize, usize) {
+    let bh = s.batch * s.q_heads;
+    let gqa = s.q_heads > s.kv_heads;
+    (
+        bh * padded_rows(s.seq),
+        if atomic_dq { s.q_len() } else { 0 },
+        bh * s.prefix * s.head_dim,
+        if gqa { bh * s.seq * s.head_dim } else { 0 },
+    )
 }
 
 fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -194,12 +219,15 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 impl AttnWorkspace {
     /// Scratch for shape `s` (the dQ accumulator only when `atomic_dq`).
     pub fn new(gpu: &GpuContext, s: &AttnShape, atomic_dq: bool) -> Result<Self> {
-        let partial = s.batch * s.kv_heads * s.prefix * s.head_dim;
+        let (rows, dq, prefix, kv) = workspace_lens(s, atomic_dq);
         Ok(Self {
-            delta: alloc(gpu, "delta", s.lse_len())?,
-            dq_accum: alloc(gpu, "dq_accum", if atomic_dq { s.q_len() } else { 0 })?,
-            dpk_partial: alloc(gpu, "dpk_partial", partial)?,
-            dpv_partial: alloc(gpu, "dpv_partial", partial)?,
+            lse2: alloc(gpu, "lse2", rows)?,
+            delta: alloc(gpu, "delta", rows)?,
+            dq_accum: alloc(gpu, "dq_accum", dq)?,
+            dpk_partial: alloc(gpu, "dpk_partial", prefix)?,
+            dpv_partial: alloc(gpu, "dpv_partial", prefix)?,
+            dk_partial: alloc(gpu, "dk_partial", kv)?,
+            dv_partial: alloc(gpu, "dv_partial", kv)?,
         })
     }
 }
@@ -250,41 +278,27 @@ fn check_inputs(s: &AttnShape, inp: &DevAttnInputs<'_>) -> Result<()> {
     check_len("valid_len", inp.valid_len.len(), s.batch)
 }
 
-/// Kernel `name`, allowed `smem` bytes of dynamic shared memory (the opt-in above 48 KB).
+/// Kernel `name`, allowed `smem` bytes of dynamic shared memory (the opt-in above 48 KB, set
+/// once per function by the context).
 fn kernel(gpu: &GpuContext, l: &Launch) -> Result<CudaFunction> {
-    let (name, smem) = (l.kernel, l.smem);
-    let f = gpu.function(MODULE, name)?;
-    if smem > DEFAULT_SMEM_LIMIT {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
+    gpu.function_with_smem(MODULE, l.kernel, l.smem)
         .map_err(|e| {
-            let hint = if name.contains("bwd_dq_d") {
-                " (the deterministic backward's dQ kernel; the default, atomic backward needs less)"
-            } else {
-                ""
-            };
-            anyhow::anyhow!(
-                "{name} needs {smem} B of shared memory per block, which this GPU refuses{hint}: \
-                 {e:?}"
+            if l.kernel.contains("bwd_dq_d") && l.smem > DEFAULT_SMEM_LIMIT {
+                e.context(
+                "the deterministic backward's dQ kernel; the default, atomic backward needs less",
             )
-        })?;
-    }
-    Ok(f)
+            } else {
+                e
+            }
+        })
 }
 
 fn cfg(l: &Launch) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (l.grid.0, l.grid.1, 1),
-        block_dim: (PT_ATTN_THREADS, 1, 1),
+        block_dim: (l.threads, 1, 1),
         shared_mem_bytes: l.smem,
     }
-}
-
-fn launched<T>(name: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<()> {
-    r.map(|_| ())
-        .map_err(|e| anyhow::anyhow!("launching {name}: {e:?}"))
 }
 
 fn cdiv(a: usize, b: u32) -> u32 {
@@ -292,25 +306,28 @@ fn cdiv(a: usize, b: u32) -> u32 {
 }
 
 /// Dynamic shared memory up to which no opt-in is needed.
-pub const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
+pub const DEFAULT_SMEM_LIMIT: u32 = super::context::SMEM_WITHOUT_OPT_IN;
 
 /// One kernel launch of the family: its name (head-dim suffix included), grid `(x, y)` of
-/// `PT_ATTN_THREADS`-thread blocks and dynamic shared memory (above [`DEFAULT_SMEM_LIMIT`] the
-/// wrapper opts in with `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+/// `threads`-thread blocks and dynamic shared memory (above [`DEFAULT_SMEM_LIMIT`] the wrapper
+/// opts in with `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub kernel: &'static str,
     pub grid: (u32, u32),
+    pub threads: u32,
     pub smem: u32,
 }
 
-/// The launches of a backward, in order (abi/attention.h; the host emulation's order and shapes).
+/// The launches of a backward, in order (abi/attention.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackwardLaunches {
     pub preprocess: Launch,
     pub dkdv: Launch,
     /// `prefix_attn_bwd_dq_dD` (deterministic) or `prefix_attn_bwd_dq_convert` (atomic).
     pub dq: Launch,
+    /// `prefix_attn_bwd_kv_reduce`: the GQA sum of dK/dV; `None` when `Hq == Hkv`.
+    pub kv_reduce: Option<Launch>,
     /// `None` without a prefix.
     pub prefix_reduce: Option<Launch>,
 }
@@ -327,6 +344,7 @@ pub fn forward_launch(s: &AttnShape) -> Launch {
             cdiv(s.seq, PT_ATTN_FWD_BLOCK_M),
             (s.batch * s.q_heads) as u32,
         ),
+        threads: PT_ATTN_THREADS,
         smem,
     }
 }
@@ -342,7 +360,8 @@ pub fn backward_launches(s: &AttnShape, deterministic: bool) -> BackwardLaunches
             } else {
                 "prefix_attn_bwd_dq_d128"
             },
-            grid: (cdiv(s.seq, PT_ATTN_FWD_BLOCK_M), bh),
+            grid: (cdiv(s.seq, PT_ATTN_DQ_BLOCK_M), bh),
+            threads: PT_ATTN_THREADS,
             smem: if d64 {
                 PT_ATTN_DQ_SMEM_D64
             } else {
@@ -353,15 +372,19 @@ pub fn backward_launches(s: &AttnShape, deterministic: bool) -> BackwardLaunches
         Launch {
             kernel: "prefix_attn_bwd_dq_convert",
             grid: (cdiv(s.q_len(), PT_ATTN_THREADS * 4), 1),
+            threads: PT_ATTN_THREADS,
             smem: 0,
         }
     };
     BackwardLaunches {
         preprocess: Launch {
             kernel: "prefix_attn_bwd_preprocess",
-            grid: (cdiv(s.seq, PT_ATTN_PRE_ROWS), bh),
+            grid: (cdiv(padded_rows(s.seq), PT_ATTN_PRE_ROWS), bh),
+            threads: PT_ATTN_THREADS,
             smem: 0,
         },
+        // One CTA per (query head, key block): the heads fastest, so the CTAs with the most
+        // query steps (the prefix blocks, then the first sequence blocks) start first.
         dkdv: Launch {
             kernel: if d64 {
                 "prefix_attn_bwd_dkdv_d64"
@@ -369,9 +392,10 @@ pub fn backward_launches(s: &AttnShape, deterministic: bool) -> BackwardLaunches
                 "prefix_attn_bwd_dkdv_d128"
             },
             grid: (
+                bh,
                 cdiv(s.prefix, PT_ATTN_BWD_BLOCK_N) + cdiv(s.seq, PT_ATTN_BWD_BLOCK_N),
-                (s.batch * s.kv_heads) as u32,
             ),
+            threads: PT_ATTN_BWD_THREADS,
             smem: if d64 {
                 PT_ATTN_DKDV_SMEM_D64
             } else {
@@ -379,12 +403,103 @@ pub fn backward_launches(s: &AttnShape, deterministic: bool) -> BackwardLaunches
             },
         },
         dq,
+        kv_reduce: (s.q_heads > s.kv_heads).then(|| Launch {
+            kernel: "prefix_attn_bwd_kv_reduce",
+            grid: (cdiv(s.kv_len(), PT_ATTN_THREADS * 4), 1),
+            threads: PT_ATTN_THREADS,
+            smem: 0,
+        }),
         prefix_reduce: (s.prefix > 0 && s.n_prefixes > 0).then(|| Launch {
             kernel: "prefix_attn_bwd_prefix_reduce",
             grid: (cdiv(s.bank_len(), PT_ATTN_THREADS), 1),
+            threads: PT_ATTN_THREADS,
             smem: 0,
         }),
     }
+}
+
+/// HMMA instructions (m16n8k16, 4096 FLOPs each) one warp issues per tile of a kernel's main
+/// loop: `gemms` products of a `bm` × `bn` tile at head dim `d`, shared by the `threads / 32`
+/// warps of the CTA (the kernel report's barriers per tile).
+fn tile_hmma(gemms: u32, bm: u32, bn: u32, d: u32, threads: u32) -> u32 {
+    gemms * bm * bn * d / 2048 / (threads / 32) // 16 x 8 x 16 multiply-adds each
+}
+
+/// The attention kernels as the kernel report sees them (`kernel_report`): each kernel
+/// named by [`forward_launch`] and [`backward_launches`] (both head dims, both backward modes,
+/// with a prefix), with its threads and dynamic shared memory from those launches.
+pub fn report_configs() -> Vec<(&'static str, Vec<super::modules::KernelConfig>)> {
+    use super::modules::KernelConfig;
+    let mut out: Vec<KernelConfig> = Vec::new();
+    let mut add = |l: Launch, tile: Option<u32>| {
+        if out.iter().all(|c| c.symbol != l.kernel) {
+            out.push(KernelConfig {
+                label: l.kernel.to_string(),
+                symbol: l.kernel.to_string(),
+                threads: l.threads,
+                dynamic_smem: l.smem,
+                tile_hmma: tile,
+            });
+        }
+    };
+    for d in SUPPORTED_HEAD_DIMS {
+        let s = AttnShape {
+            batch: 2,
+            q_heads: 4,
+            kv_heads: 2,
+            seq: 256,
+            prefix: 16,
+            head_dim: d,
+            n_prefixes: 1,
+        };
+        let d32 = d as u32;
+        let bwd_m = if d == 64 {
+            PT_ATTN_BWD_BLOCK_M_D64
+        } else {
+            PT_ATTN_BWD_BLOCK_M_D128
+        };
+        let fwd_n = if d == 64 {
+            PT_ATTN_FWD_BLOCK_N_D64
+        } else {
+            PT_ATTN_FWD_BLOCK_N_D128
+        };
+        let fwd = forward_launch(&s);
+        add(
+            fwd,
+            Some(tile_hmma(2, PT_ATTN_FWD_BLOCK_M, fwd_n, d32, fwd.threads)),
+        );
+        let atomic = backward_launches(&s, false);
+        let det = backward_launches(&s, true);
+        add(
+            atomic.dkdv,
+            Some(tile_hmma(
+                5,
+                bwd_m,
+                PT_ATTN_BWD_BLOCK_N,
+                d32,
+                atomic.dkdv.threads,
+            )),
+        );
+        add(
+            det.dq,
+            Some(tile_hmma(
+                3,
+                PT_ATTN_DQ_BLOCK_M,
+                PT_ATTN_DQ_BLOCK_N,
+                d32,
+                det.dq.threads,
+            )),
+        );
+        add(atomic.preprocess, None);
+        add(atomic.dq, None);
+        for r in [atomic.kv_reduce, atomic.prefix_reduce]
+            .into_iter()
+            .flatten()
+        {
+            add(r, None);
+        }
+    }
+    vec![(MODULE, out)]
 }
 
 /// Forward on the GPU: writes `o` (`[B,Hq,T,D]` fp16) and `lse` (`[B,Hq,T]`, natural log; 0 on
@@ -439,12 +554,22 @@ pub fn backward(
     check_len("o", o.len(), s.q_len())?;
     check_len("d_o", d_o.len(), s.q_len())?;
     check_len("lse", lse.len(), s.lse_len())?;
-    check_len("workspace delta", ws.delta.len(), s.lse_len())?;
-    if !deterministic {
-        check_len("workspace dq_accum", ws.dq_accum.len(), s.q_len())?;
-    }
-    let partial = s.batch * s.kv_heads * s.prefix * s.head_dim;
-    check_len("workspace prefix partials", ws.dpk_partial.len(), partial)?;
+    let (rows, dq_len, prefix_len, kv_len) = workspace_lens(s, !deterministic);
+    check_len("workspace lse2", ws.lse2.len(), rows)?;
+    check_len("workspace delta", ws.delta.len(), rows)?;
+    check_len("workspace dq_accum", ws.dq_accum.len(), dq_len)?;
+    check_len(
+        "workspace prefix partials",
+        ws.dpk_partial.len(),
+        prefix_len,
+    )?;
+    check_len(
+        "workspace prefix partials",
+        ws.dpv_partial.len(),
+        prefix_len,
+    )?;
+    check_len("workspace dK/dV partials", ws.dk_partial.len(), kv_len)?;
+    check_len("workspace dK/dV partials", ws.dv_partial.len(), kv_len)?;
     check_len("dq", grads.dq.len(), s.q_len())?;
     check_len("dk", grads.dk.len(), s.kv_len())?;
     check_len("dv", grads.dv.len(), s.kv_len())?;
@@ -453,7 +578,7 @@ pub fn backward(
     let plan = backward_launches(s, deterministic);
     let stream = gpu.stream();
 
-    // 1. delta = rowsum(dO * O); zero the dQ accumulator.
+    // 1. lse2 = lse log2(e), delta = rowsum(dO * O) on padded rows; zero the dQ accumulator.
     let l = plan.preprocess;
     let f = kernel(gpu, &l)?;
     let mut b = stream.launch_builder(&f);
@@ -461,12 +586,14 @@ pub fn backward(
         .arg(inp.valid_len)
         .arg(o)
         .arg(d_o)
+        .arg(lse)
+        .arg(&mut ws.lse2)
         .arg(&mut ws.delta)
         .arg(&mut ws.dq_accum);
     // SAFETY: lengths checked above.
     launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
 
-    // 2. dK, dV, prefix partials (and dQ atomics).
+    // 2. dK, dV (or their GQA partials), prefix partials (and dQ atomics).
     let l = plan.dkdv;
     let f = kernel(gpu, &l)?;
     let mut b = stream.launch_builder(&f);
@@ -478,12 +605,14 @@ pub fn backward(
         .arg(inp.prefix_v)
         .arg(inp.prefix_index)
         .arg(inp.valid_len)
-        .arg(lse)
+        .arg(&ws.lse2)
         .arg(d_o)
         .arg(&ws.delta)
         .arg(&mut ws.dq_accum)
         .arg(&mut ws.dpk_partial)
         .arg(&mut ws.dpv_partial)
+        .arg(&mut ws.dk_partial)
+        .arg(&mut ws.dv_partial)
         .arg(&mut grads.dk)
         .arg(&mut grads.dv);
     // SAFETY: lengths checked above.
@@ -502,7 +631,7 @@ pub fn backward(
             .arg(inp.prefix_v)
             .arg(inp.prefix_index)
             .arg(inp.valid_len)
-            .arg(lse)
+            .arg(&ws.lse2)
             .arg(d_o)
             .arg(&ws.delta)
             .arg(&mut grads.dq);
@@ -515,7 +644,21 @@ pub fn backward(
         launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
     }
 
-    // 4. Prefix gradients: sum of the partials over the sequences using each prefix.
+    // 4. GQA: dK/dV = the sum of the group's per-query-head partials.
+    if let Some(l) = plan.kv_reduce {
+        let f = kernel(gpu, &l)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p)
+            .arg(&ws.dk_partial)
+            .arg(&ws.dv_partial)
+            .arg(&mut grads.dk)
+            .arg(&mut grads.dv);
+        // SAFETY: lengths checked above.
+        launched(l.kernel, unsafe { b.launch(cfg(&l)) })?;
+    }
+
+    // 5. Prefix gradients: sum of the partials over the sequences using each prefix and the
+    // query heads of each kv head.
     if let Some(l) = plan.prefix_reduce {
         let f = kernel(gpu, &l)?;
         let mut b = stream.launch_builder(&f);
@@ -534,7 +677,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::abi::{PT_ATTN_BWD_BLOCK_N, PT_ATTN_FWD_BLOCK_M};
+    use crate::cuda::abi::{PT_ATTN_BWD_BLOCK_N, PT_ATTN_DQ_BLOCK_M, PT_ATTN_FWD_BLOCK_M};
 
     fn shapes() -> Vec<AttnShape> {
         let mut v = Vec::new();
@@ -576,12 +719,13 @@ mod tests {
         );
     }
 
-    /// The query blocks of the forward and the deterministic dQ kernel: block x holds rows
-    /// m0 .. m0 + BM with m0 = (gridDim.x - 1 - x) * BM (the longest rows first).
-    fn query_blocks(grid_x: u32) -> impl Fn(u32) -> Vec<usize> {
+    /// The query blocks of the forward (BM = PT_ATTN_FWD_BLOCK_M) and the deterministic dQ
+    /// kernel (PT_ATTN_DQ_BLOCK_M): block x holds rows m0 .. m0 + BM with
+    /// m0 = (gridDim.x - 1 - x) * BM (the longest rows first).
+    fn query_blocks(grid_x: u32, bm: u32) -> impl Fn(u32) -> Vec<usize> {
         move |x| {
-            let m0 = ((grid_x - 1 - x) * PT_ATTN_FWD_BLOCK_M) as usize;
-            (m0..m0 + PT_ATTN_FWD_BLOCK_M as usize).collect()
+            let m0 = ((grid_x - 1 - x) * bm) as usize;
+            (m0..m0 + bm as usize).collect()
         }
     }
 
@@ -592,37 +736,65 @@ mod tests {
             let bh = (s.batch * s.q_heads) as u32;
             let f = forward_launch(&s);
             assert_eq!(f.grid.1, bh, "{s:?}");
-            assert_exact_cover("forward", s.seq, f.grid.0, query_blocks(f.grid.0));
+            assert_exact_cover(
+                "forward",
+                s.seq,
+                f.grid.0,
+                query_blocks(f.grid.0, PT_ATTN_FWD_BLOCK_M),
+            );
             for det in [false, true] {
                 let b = backward_launches(&s, det);
                 let pre = b.preprocess;
                 assert_eq!(pre.grid.1, bh);
-                assert_exact_cover("preprocess", s.seq, pre.grid.0, |x| {
+                // lse2 / delta rows: every padded row once (the backward kernels read whole
+                // query steps of them without bounds checks).
+                let tp = padded_rows(s.seq);
+                assert!(tp >= s.seq && tp % PT_ATTN_ROW_PAD as usize == 0);
+                assert_eq!(tp % PT_ATTN_BWD_BLOCK_M_D64 as usize, 0);
+                assert_eq!(tp % PT_ATTN_BWD_BLOCK_M_D128 as usize, 0);
+                assert_eq!(tp % PT_ATTN_DQ_BLOCK_M as usize, 0);
+                assert_exact_cover("preprocess", tp, pre.grid.0, |x| {
                     let r0 = (x * PT_ATTN_PRE_ROWS) as usize;
                     (r0..r0 + PT_ATTN_PRE_ROWS as usize).collect()
                 });
-                // dK/dV: the kernel takes blocks x < ceil(P / BN) as prefix key blocks, the
-                // others as sequence key blocks; every prefix key and sequence key once.
+                // dK/dV: grid (B*Hq, key blocks); the kernel takes blocks y < ceil(P / BN) as
+                // prefix key blocks, the others as sequence key blocks; for every query head,
+                // every prefix key and sequence key once.
                 let kv = b.dkdv;
-                assert_eq!(kv.grid.1, (s.batch * s.kv_heads) as u32);
+                assert_eq!(kv.grid.0, bh);
+                assert_eq!(kv.threads, PT_ATTN_BWD_THREADS);
                 let bn = PT_ATTN_BWD_BLOCK_N as usize;
                 let n_pre = s.prefix.div_ceil(bn);
-                let keys = |x: u32| -> Vec<usize> {
-                    let x = x as usize;
-                    if x < n_pre {
-                        (x * bn..(x + 1) * bn).filter(|&k| k < s.prefix).collect()
+                let keys = |y: u32| -> Vec<usize> {
+                    let y = y as usize;
+                    if y < n_pre {
+                        (y * bn..(y + 1) * bn).filter(|&k| k < s.prefix).collect()
                     } else {
-                        let n0 = (x - n_pre) * bn;
+                        let n0 = (y - n_pre) * bn;
                         (n0..n0 + bn)
                             .filter(|&k| k < s.seq)
                             .map(|k| s.prefix + k)
                             .collect()
                     }
                 };
-                assert_exact_cover("dK/dV keys", s.prefix + s.seq, kv.grid.0, keys);
+                assert_exact_cover("dK/dV keys", s.prefix + s.seq, kv.grid.1, keys);
+                match b.kv_reduce {
+                    None => assert_eq!(s.q_heads, s.kv_heads, "{s:?}: no GQA reduction"),
+                    Some(r) => {
+                        let per = (r.threads * 4) as usize;
+                        assert_exact_cover("kv reduce", s.kv_len(), r.grid.0, |x| {
+                            (x as usize * per..(x as usize + 1) * per).collect()
+                        });
+                    }
+                }
                 if det {
                     assert_eq!(b.dq.grid.1, bh);
-                    assert_exact_cover("dQ", s.seq, b.dq.grid.0, query_blocks(b.dq.grid.0));
+                    assert_exact_cover(
+                        "dQ",
+                        s.seq,
+                        b.dq.grid.0,
+                        query_blocks(b.dq.grid.0, PT_ATTN_DQ_BLOCK_M),
+                    );
                 } else {
                     assert_eq!(b.dq.kernel, "prefix_attn_bwd_dq_convert");
                     assert_eq!(b.dq.grid.1, 1);
@@ -634,7 +806,7 @@ mod tests {
                 match b.prefix_reduce {
                     None => assert_eq!(s.prefix, 0, "{s:?}: no prefix reduction"),
                     Some(r) => {
-                        let per = PT_ATTN_THREADS as usize;
+                        let per = r.threads as usize;
                         assert_exact_cover("prefix reduce", s.bank_len(), r.grid.0, |x| {
                             (x as usize * per..(x as usize + 1) * per).collect()
                         });
@@ -679,7 +851,7 @@ mod tests {
                 let m = crate::cuda::modules::module(MODULE).expect("prefix_attention module");
                 let all = [Some(b.preprocess), Some(b.dkdv), Some(b.dq), Some(a.dq)]
                     .into_iter()
-                    .chain([Some(forward_launch(&s)), b.prefix_reduce])
+                    .chain([Some(forward_launch(&s)), b.prefix_reduce, b.kv_reduce])
                     .flatten();
                 for l in all {
                     assert!(m.entries.contains(&l.kernel), "{} not compiled", l.kernel);
@@ -707,7 +879,8 @@ mod tests {
         s.batch = 65535 / 6;
         let ok = backward_launches(&s, true);
         attn_params(&s, 0.125, true).unwrap();
-        assert!(ok.dq.grid.1 <= 65535 && ok.dkdv.grid.1 <= 65535);
+        assert!(ok.dq.grid.1 <= 65535 && forward_launch(&s).grid.1 <= 65535);
+        assert!(ok.dkdv.grid.1 <= 65535, "key blocks on grid.y");
         s.batch += 1;
         let e = attn_params(&s, 0.125, true).unwrap_err().to_string();
         assert!(e.contains("65535"), "{e}");

@@ -1,11 +1,7 @@
 //! What the model engine ([`super::engine`]) needs from a device: buffers, copies, the two GEMM
-//! shapes and one method per kernel, with the kernels' ABI structs as parameters. Two
-//! implementations run the same engine code:
-//!
-//! - [`GpuBackend`] (here): cudarc buffers on the context's stream, cuBLAS, the kernels'
-//!   launch wrappers ([`super::model_ops`], [`super::attention`]);
-//! - `crate::emu::backend::EmuBackend`: host vectors, the kernels' host emulation and a host GEMM,
-//!   so the whole engine runs (slowly) in CI without a GPU and is checked against the reference.
+//! shapes and one method per kernel, with the kernels' ABI structs as parameters, implemented by
+//! [`GpuBackend`]: cudarc buffers on the context's stream, cuBLAS, the kernels' launch wrappers
+//! ([`super::model_ops`], [`super::attention`]). Without a GPU it runs on the simulated device.
 //!
 //! Buffers may be longer than a call needs (workspaces are sized for the largest batch); every
 //! method checks lengths against its parameters and works on the leading elements.
@@ -28,7 +24,7 @@ use super::context::GpuContext;
 use super::decode::{self as dec, DecodeBufs, DecodeShape};
 use super::gemm::Gemm;
 use super::model_ops::{self as ops, NormFwdBufs, RopeArgs};
-use crate::reference::attention::AttnShape;
+use crate::types::AttnShape;
 
 /// Element types of device buffers.
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {}
@@ -72,8 +68,8 @@ pub struct AttnGradBufs<'a, B: Backend + ?Sized> {
     pub dq: &'a B::Buf<f16>,
     pub dk: &'a B::Buf<f16>,
     pub dv: &'a B::Buf<f16>,
-    pub d_prefix_k: &'a B::Buf<f16>,
-    pub d_prefix_v: &'a B::Buf<f16>,
+    pub d_prefix_k: &'a B::Buf<f32>,
+    pub d_prefix_v: &'a B::Buf<f32>,
 }
 
 /// A device the model engine runs on.
@@ -256,6 +252,8 @@ pub struct GpuBackend {
     gemm: Gemm,
     /// Per-category time when profiling (see [`GpuBackend::enable_profile`]).
     profile: Option<RefCell<BTreeMap<&'static str, (f64, u64)>>>,
+    /// The split-KV decode's partials, kept between decode steps.
+    decode_scratch: RefCell<dec::DecodeScratch>,
 }
 
 impl GpuBackend {
@@ -267,6 +265,7 @@ impl GpuBackend {
             gpu,
             gemm,
             profile: None,
+            decode_scratch: RefCell::default(),
         })
     }
 
@@ -669,7 +668,17 @@ impl Backend for GpuBackend {
         o: &mut CudaSlice<f16>,
     ) -> Result<()> {
         self.timed("decode attention", || {
-            dec::forward(&self.gpu, s, scale, &bufs, past, n_new, o)
+            dec::forward_into(
+                &self.gpu,
+                dec::DecodeKernel::Auto,
+                s,
+                scale,
+                &bufs,
+                past,
+                n_new,
+                o,
+                &mut self.decode_scratch.borrow_mut(),
+            )
         })
     }
 

@@ -17,12 +17,49 @@ use super::modules::{KernelModule, MODULES};
 const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found when it was built): \
 run `bash scripts/setup` (installs the CUDA 13.0 compiler), `source <cache>/env.sh`, and rebuild";
 
+/// The oldest driver the embedded kernels load on, as the CUDA version it supports: the
+/// modules are CUDA 13.0 output (PTX ISA 9.0 and an sm_90 cubin), which drivers before R580 refuse.
+pub const MIN_DRIVER_CUDA_VERSION: i32 = 13000;
+
+/// The CUDA version the loaded driver supports (`cuDriverGetVersion`: 13000 for 13.0), or `None`
+/// without a driver.
+pub fn driver_cuda_version() -> Option<i32> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return None;
+    }
+    guarded("reading the driver version", || {
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: the driver writes one int.
+        let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(v)
+        } else {
+            Err(anyhow!("cuDriverGetVersion: {r:?}"))
+        }
+    })
+    .ok()
+}
+
+/// `13000` as `13.0`.
+pub fn cuda_version_string(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// (module, kernel) → the function and the dynamic shared memory it is opted in to.
+type FunctionCache = HashMap<(&'static str, &'static str), (CudaFunction, u32)>;
+
+/// Dynamic shared memory per block that every GPU allows without the opt-in attribute.
+pub const SMEM_WITHOUT_OPT_IN: u32 = 48 * 1024;
+
 /// A CUDA device with the project's kernels loaded, and the stream everything runs on.
 pub struct GpuContext {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Functions resolved once (module, name): the function and the dynamic shared memory it
+    /// has been opted in to (`cuFuncSetAttribute` runs only when a launch asks for more).
+    functions: Mutex<FunctionCache>,
     compute_capability: (i32, i32),
     sm_count: u32,
     description: String,
@@ -58,6 +95,16 @@ impl GpuContext {
         if !unsafe { sys::is_culib_present() } {
             bail!(
                 "no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)"
+            );
+        }
+        if let Some(v) = driver_cuda_version().filter(|&v| v < MIN_DRIVER_CUDA_VERSION) {
+            bail!(
+                "the NVIDIA driver supports CUDA {}, but prefix-tune's kernels are CUDA {} images \
+                 (PTX ISA 9.0, an sm_90 cubin) and need a driver for CUDA {} or newer (R580 or \
+                 later): update the driver, or use --device cpu",
+                cuda_version_string(v),
+                cuda_version_string(MIN_DRIVER_CUDA_VERSION),
+                cuda_version_string(MIN_DRIVER_CUDA_VERSION)
             );
         }
         let count = guarded("counting devices", || {
@@ -145,7 +192,19 @@ impl GpuContext {
     }
 
     /// Kernel `name` of module `module` (loaded once, then cached).
-    pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
+    pub fn function(&self, module: &str, name: &'static str) -> Result<CudaFunction> {
+        self.function_with_smem(module, name, 0)
+    }
+
+    /// [`function`](Self::function), opted in to `smem` bytes of dynamic shared memory when that
+    /// is above the 48 KB every GPU allows without it (once per function: a later launch asking
+    /// for no more than the recorded amount costs no driver call).
+    pub fn function_with_smem(
+        &self,
+        module: &str,
+        name: &'static str,
+        smem: u32,
+    ) -> Result<CudaFunction> {
         let (&key, m) = self
             .modules
             .get_key_value(module)
@@ -157,14 +216,31 @@ impl GpuContext {
             .bind_to_thread()
             .map_err(|e| anyhow!("making the CUDA context current: {e:?}"))?;
         let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(&(key, name.to_string())) {
-            return Ok(f.clone());
+        let entry = match cache.entry((key, name)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let f = m
+                    .load_function(name)
+                    .map_err(|e| anyhow!("kernel {module}::{name} not found: {e:?}"))?;
+                e.insert((f, SMEM_WITHOUT_OPT_IN))
+            }
+        };
+        if smem > entry.1 {
+            entry
+                .0
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| {
+                    anyhow!(
+                        "{name} needs {smem} B of shared memory per block, which this GPU refuses: \
+                         {e:?}"
+                    )
+                })?;
+            entry.1 = smem;
         }
-        let f = m
-            .load_function(name)
-            .map_err(|e| anyhow!("kernel {module}::{name} not found: {e:?}"))?;
-        cache.insert((key, name.to_string()), f.clone());
-        Ok(f)
+        Ok(entry.0.clone())
     }
 
     /// Waits for all queued work.
@@ -202,4 +278,181 @@ pub fn gpu_available() -> Result<String, String> {
 /// True when this build embeds the kernels (built with nvcc).
 pub fn kernels_built() -> bool {
     !MODULES.is_empty()
+}
+
+/// Whether the loaded CUDA driver is prefix-tune's simulator (sim/cuda), not a GPU's. False when
+/// no driver loads.
+pub fn simulated() -> bool {
+    // SAFETY: looks a symbol up in the driver library cudarc loaded; the simulator exports it as
+    // `extern "C" fn() -> c_int`.
+    unsafe {
+        if !sys::is_culib_present() {
+            return false;
+        }
+        sys::culib()
+            .get::<unsafe extern "C" fn() -> std::ffi::c_int>(b"ptsim_is_simulator\0")
+            .map(|f| f() == 1)
+            .unwrap_or(false)
+    }
+}
+
+/// The simulator's account of the last failed driver call (which argument, which kernel, what
+/// memory), when the driver is the simulator and has one.
+pub fn simulator_detail() -> Option<String> {
+    if !simulated() {
+        return None;
+    }
+    // SAFETY: the simulator exports `ptsim_last_error(buf, len) -> len`, writing a NUL-terminated
+    // string of at most len - 1 bytes.
+    unsafe {
+        let f = sys::culib()
+            .get::<unsafe extern "C" fn(*mut std::ffi::c_char, usize) -> usize>(
+                b"ptsim_last_error\0",
+            )
+            .ok()?;
+        let mut buf = vec![0u8; 4096];
+        f(buf.as_mut_ptr().cast(), buf.len());
+        let s = std::ffi::CStr::from_bytes_until_nul(&buf)
+            .ok()?
+            .to_string_lossy()
+            .into_owned();
+        (!s.is_empty()).then_some(s)
+    }
+}
+
+/// A driver error with the simulator's detail appended when there is one.
+pub fn driver_error(what: &str, e: cudarc::driver::DriverError) -> anyhow::Error {
+    match simulator_detail() {
+        Some(d) => anyhow!("{what}: {e:?} (simulator: {d})"),
+        None => anyhow!("{what}: {e:?}"),
+    }
+}
+
+/// A launch's result as this crate's error, naming the kernel (and with the simulator's detail).
+pub fn launched<T>(kernel: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<()> {
+    r.map(|_| ())
+        .map_err(|e| driver_error(&format!("launching {kernel}"), e))
+}
+
+/// The simulated device's counters by name (launches, copies and bytes, host synchronisations,
+/// peak memory, ...; see sim/cuda/src/counters.rs), or `None` when the driver is not the
+/// simulator.
+pub fn simulator_counters() -> Option<Vec<(String, u64)>> {
+    if !simulated() {
+        return None;
+    }
+    // SAFETY: the simulator exports `ptsim_counter_names() -> *const c_char` (a static string) and
+    // `ptsim_counters(out, n) -> count`, writing at most n values.
+    unsafe {
+        let lib = sys::culib();
+        let names = lib
+            .get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"ptsim_counter_names\0")
+            .ok()?;
+        let values = lib
+            .get::<unsafe extern "C" fn(*mut u64, usize) -> usize>(b"ptsim_counters\0")
+            .ok()?;
+        let names = std::ffi::CStr::from_ptr(names())
+            .to_string_lossy()
+            .into_owned();
+        let n = values(std::ptr::null_mut(), 0);
+        let mut v = vec![0u64; n];
+        values(v.as_mut_ptr(), n);
+        Some(names.split(',').map(str::to_string).zip(v).collect())
+    }
+}
+
+/// One counter of [`simulator_counters`].
+pub fn simulator_counter(name: &str) -> Option<u64> {
+    simulator_counters()?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+}
+
+/// A snapshot of the simulated device's counters, for the counts of one piece of work: take one
+/// before, one after, and [`SimCounts::since`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimCounts(pub Vec<(String, u64)>);
+
+impl SimCounts {
+    /// Now, or `None` when the driver is not the simulator.
+    pub fn now() -> Option<SimCounts> {
+        simulator_counters().map(SimCounts)
+    }
+
+    /// What happened since `earlier` (counters as differences; `bytes_in_use` and `peak_bytes`
+    /// as they are now).
+    pub fn since(&self, earlier: &SimCounts) -> SimCounts {
+        SimCounts(
+            self.0
+                .iter()
+                .map(|(n, v)| {
+                    let before = earlier.get(n);
+                    let keep = n == "bytes_in_use" || n == "peak_bytes";
+                    (n.clone(), if keep { *v } else { v.saturating_sub(before) })
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// As a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .map(|(n, v)| (n.clone(), (*v).into()))
+                .collect(),
+        )
+    }
+
+    /// One line: launches, copies and bytes, host syncs, peak memory (counts divided by `per`).
+    pub fn summary(&self, per: u64) -> String {
+        let per = per.max(1);
+        let g = |n: &str| self.get(n) as f64 / per as f64;
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        format!(
+            "{:.0} kernel launches + {:.0} cuBLAS calls, {:.0} host->device copies ({:.2} MiB), {:.0} device->host ({:.3} MiB), \
+             {:.0} device->device, {:.0} memsets, {:.0} host syncs, {:.0} allocations, \
+             {:.0} function lookups, {:.0} smem opt-ins; peak {:.0} MiB",
+            g("launches"),
+            g("cublas_calls"),
+            g("htod_copies"),
+            mib(g("htod_bytes")),
+            g("dtoh_copies"),
+            mib(g("dtoh_bytes")),
+            g("dtod_copies"),
+            g("memsets"),
+            g("host_syncs"),
+            g("allocations"),
+            g("function_lookups"),
+            g("smem_optins"),
+            mib(self.get("peak_bytes") as f64)
+        )
+    }
+}
+
+/// Whether the simulated device runs the kernels (`PTSIM_EXECUTE=0` makes it count only; the
+/// simulator reads the same variable in this process).
+pub fn simulator_execute() -> bool {
+    std::env::var("PTSIM_EXECUTE").map_or(true, |v| v != "0")
+}
+
+/// Starts a new peak of device memory in use (the simulator's `peak_bytes` counter).
+pub fn reset_simulator_peak() {
+    if !simulated() {
+        return;
+    }
+    // SAFETY: the simulator exports `ptsim_reset_peak()`.
+    unsafe {
+        if let Ok(f) = sys::culib().get::<unsafe extern "C" fn()>(b"ptsim_reset_peak\0") {
+            f();
+        }
+    }
 }

@@ -1,14 +1,14 @@
 //! The optimizer step on the device: the AdamW / SGD and sum-of-squares kernels of
 //! `kernels/optim.cu` on fp32 master weights that stay resident between steps.
 //!
-//! [`OptimOps`] is what a backend needs (the GPU through [`crate::cuda::ops`], the host
-//! emulation through [`crate::emu::optim`]); [`DeviceOptimizer`] holds the device copies of the
+//! [`OptimOps`] is what the backend needs (the kernels through [`crate::cuda::ops`]);
+//! [`DeviceOptimizer`] holds the device copies of the
 //! flat trainable parameters, their gradient and the optimizer state, and does one update the
 //! way [`crate::engine::cpu_update`] does on the host: the global gradient norm (two-stage
 //! reduction), `clip_grad_norm_`'s factor folded into the kernel's `grad_scale`, then the
 //! optimizer kernel.
 //!
-//! [`DeviceOptimEngine`] is the GPU engine (or the emulated one) with this update as its
+//! [`DeviceOptimEngine`] is the GPU engine with this update as its
 //! [`Engine::apply_update`]; everything else is the model engine's.
 //!
 //! The host stays the owner of record: after each update the parameters and the optimizer state
@@ -22,12 +22,11 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::cuda::engine::ModelEngine;
 use crate::cuda::reparam::ReparamOps;
-use crate::emu::backend::EmuBackend;
 use crate::engine::{DecodeCache, Engine};
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, Optimizer, SgdConfig};
 use crate::prefix::{PrefixBank, Reparam, ReparamCache, ReparamGrads};
-use crate::reference::model::{Batch, LossOutput, RunOptions};
+use crate::types::{Batch, LossOutput, RunOptions};
 
 /// Optimizer kernels of a backend. `n` elements of each buffer take part (buffers may be longer).
 pub trait OptimOps: Backend {
@@ -136,47 +135,6 @@ impl OptimOps for GpuBackend {
             &mut head_mut("sum of squares output", out, 1)?,
             false,
         )
-    }
-}
-
-impl OptimOps for EmuBackend {
-    fn adamw_step(
-        &self,
-        config: &AdamWConfig,
-        step: u64,
-        lr: f64,
-        grad_scale: f32,
-        n: usize,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-    ) -> Result<()> {
-        let p = crate::cuda::ops::adamw_params(config, step, lr, grad_scale, n)?;
-        crate::emu::optim::adamw_step(&p, param, grad, m, v, None)
-    }
-
-    fn sgd_step(
-        &self,
-        config: &SgdConfig,
-        step: u64,
-        lr: f64,
-        grad_scale: f32,
-        n: usize,
-        param: &mut Vec<f32>,
-        grad: &Vec<f32>,
-        momentum_buf: Option<&mut Vec<f32>>,
-    ) -> Result<()> {
-        let p = crate::emu::optim::sgd_params(config, step, lr, grad_scale, n)?;
-        let buf = momentum_buf.filter(|_| config.momentum != 0.0);
-        crate::emu::optim::sgd_step(&p, param, grad, buf.map(|b| &mut b[..]), None)
-    }
-
-    fn sum_squares(&self, n: usize, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        if x.len() < n || out.is_empty() {
-            bail!("emulated sum of squares: buffers too small");
-        }
-        crate::emu::optim::sum_squares(&x[..n], &mut out[0], false)
     }
 }
 

@@ -1,11 +1,10 @@
 //! The GPU engine: the frozen model in fp16 on one CUDA device, behind the same [`Engine`]
 //! interface as the CPU reference.
 //!
-//! The engine code is written once over a [`Backend`] (buffers, GEMMs, one method per kernel):
-//! [`CudaEngine`] runs it on the GPU ([`GpuBackend`]), `crate::emu::backend::EmuEngine` on the
-//! host emulation of the same kernel sources, which is how CI checks this file against the
-//! reference without a GPU (`tests/emulated_engine.rs`); `tests/gpu_engine.rs` does the same on
-//! a real GPU.
+//! The engine code is written over a [`Backend`] (buffers, GEMMs, one method per kernel):
+//! [`CudaEngine`] runs it on the GPU ([`GpuBackend`]) — a real card, or the simulated CUDA device
+//! (sim/), which is how CI checks this file against the reference without a GPU
+//! (`tests/gpu_engine.rs`, `tests/gpu_engine_tiny.rs`, `tests/gpu_smollm2.rs`).
 //!
 //! - The weights are uploaded once, in fp16, with the projections that read the same input fused
 //!   (`[Wq; Wk; Wv]`, and Llama's `[W_gate; W_up]`), so each is one cuBLAS GEMM.
@@ -35,7 +34,10 @@
 //!   sequence) with `kernels/decode_attention.cu`, which reads the cache then the new keys
 //!   causally. Beam reordering gathers cache rows on the device. The cache is allocated at the
 //!   prefill for the longest prefix + prompt + a headroom ([`ModelEngine::set_decode_headroom`])
-//!   and doubles (one row gather) when a sequence outgrows it.
+//!   and doubles (one row gather) when a sequence outgrows it. Prefilled caches can be joined
+//!   into a running one ([`ModelEngine::join_decode`], two row scatters per buffer) and shrunk
+//!   by a reorder: the continuous batching of `prefix-tune serve`. Each sequence's prefix is
+//!   copied into its own cache rows (the decode kernel reads one contiguous cache per sequence).
 //!
 //! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
 //! host, where the trainer's optimizer keeps the fp32 master copy.
@@ -53,10 +55,9 @@ use super::model_ops::{self as ops, NormKind};
 use crate::engine::{check_run, DecodeCache, Engine};
 use crate::model::config::{Arch, ModelConfig, ModelWeights};
 use crate::prefix::PrefixBank;
-use crate::reference::attention::AttnShape;
-use crate::reference::decode::KvCache;
-use crate::reference::layers::Rope;
-use crate::reference::model::{Batch, LossOutput, Positions, RunOptions};
+use crate::types::AttnShape;
+use crate::types::Rope;
+use crate::types::{Batch, LossOutput, Positions, RunOptions};
 
 /// Elements of one chunk of head logits (rows × vocab): 64 MiB of fp16.
 const HEAD_CHUNK_ELEMS: usize = 1 << 25;
@@ -282,6 +283,9 @@ struct Workspace<B: Backend> {
     pos_offset: B::Buf<i32>,
     prefix_index: B::Buf<i32>,
     valid_len: B::Buf<i32>,
+    /// Decoding: where each new key/value row goes in the cache `[B, Hkv, T]` (taken out while
+    /// the layers borrow the workspace).
+    append_idx: Option<B::Buf<i32>>,
     /// Per layer, the prefix bank's keys and values in fp16.
     bank: Vec<(B::Buf<f16>, B::Buf<f16>)>,
     /// Residual stream `[rows, d]` fp32, the norm output `[rows, d]` (after the last layer: the
@@ -320,7 +324,7 @@ struct Workspace<B: Backend> {
     /// Attention backward scratch and gradients (reused per layer).
     attn: B::AttnScratch,
     /// Per layer `[k | v]` prefix gradients (fp16, loss-scaled), copied out of `attn_grads`.
-    prefix_grads: B::Buf<f16>,
+    prefix_grads: B::Buf<f32>,
     bytes: usize,
 }
 
@@ -384,6 +388,7 @@ impl<B: Backend> Workspace<B> {
             pos_offset: be.alloc("position offsets", b)?,
             prefix_index: be.alloc("prefix indices", b)?,
             valid_len: be.alloc("valid lengths", b)?,
+            append_idx: Some(be.alloc("cache slots", rows * cfg.n_kv_heads)?),
             bank: bank_bufs,
             x: be.alloc("residual stream", rows * d)?,
             h: h16("norm output", rows * d)?,
@@ -415,7 +420,7 @@ impl<B: Backend> Workspace<B> {
             attn: be
                 .attn_scratch(&cap.attn_shape(cfg))
                 .context("allocating the attention backward workspace")?,
-            prefix_grads: h16("prefix gradients", cfg.n_layers * 2 * bank)?,
+            prefix_grads: be.alloc("prefix gradients", cfg.n_layers * 2 * bank)?,
             saved,
             bytes: 0,
             layer_inputs,
@@ -475,7 +480,7 @@ impl CallShape {
 // ---------------------------------------------------------------------------------------------
 
 /// The frozen model on a device `B` (see the module documentation): [`CudaEngine`] on a GPU,
-/// `crate::emu::backend::EmuEngine` on the host emulation of the kernels.
+/// (the GPU backend, on a card or the simulated device).
 pub struct ModelEngine<B: Backend> {
     be: B,
     model: DevModel<B>,
@@ -1002,8 +1007,7 @@ impl<B: Backend> ModelEngine<B> {
                 &ws.prefix_grads,
                 0..cfg.n_layers * 2 * bank_len,
             )?;
-            let widen =
-                |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32() * unscale).collect() };
+            let widen = |x: &[f32]| -> Vec<f32> { x.iter().map(|v| v * unscale).collect() };
             for l in 0..cfg.n_layers {
                 let base = l * 2 * bank_len;
                 grad.k[l] = widen(&all[base..base + bank_len]);
@@ -1185,7 +1189,7 @@ where
         opts: &RunOptions,
     ) -> Result<Box<dyn DecodeCache>> {
         // The reference cache's checks (bank shape, indices), so both engines refuse alike.
-        KvCache::<f32>::new(&self.cfg, prefix, prefix_index, opts.positions)?;
+        crate::prefix::check_decode_request(&self.cfg, prefix, prefix_index)?;
         let bank = prefix.filter(|p| p.len > 0).cloned();
         let index: Vec<Option<usize>> = prefix_index
             .iter()
@@ -1198,9 +1202,9 @@ where
                 .map(|i| if i.is_some() { p_len } else { 0 })
                 .collect(),
             tokens: vec![0; index.len()],
+            positions: vec![opts.positions; index.len()],
             index,
             bank,
-            opts: *opts,
             capacity: 0,
             k: Vec::new(),
             v: Vec::new(),
@@ -1440,7 +1444,8 @@ struct KvDecodeCache<B: Backend> {
     index: Vec<Option<usize>>,
     prefix_len: Vec<usize>,
     tokens: Vec<usize>,
-    opts: RunOptions,
+    /// Per sequence, the position convention.
+    positions: Vec<Positions>,
     /// Allocated at the prefill: entries per (sequence, kv head).
     capacity: usize,
     k: Vec<B::Buf<f16>>,
@@ -1473,6 +1478,7 @@ where
         let pick = |v: &Vec<usize>| rows.iter().map(|&r| v[r]).collect::<Vec<_>>();
         self.prefix_len = pick(&self.prefix_len);
         self.tokens = pick(&self.tokens);
+        self.positions = rows.iter().map(|&r| self.positions[r]).collect();
         self.index = rows.iter().map(|&r| self.index[r]).collect();
         if self.allocated() {
             let cur: Vec<usize> = self
@@ -1621,7 +1627,7 @@ impl<B: Backend> ModelEngine<B> {
         }
         let n_new: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let next_pos: Vec<usize> = (0..b)
-            .map(|s| match cache.opts.positions {
+            .map(|s| match cache.positions[s] {
                 Positions::AfterPrefix => cache.prefix_len[s] + cache.tokens[s],
                 Positions::FromZero => cache.tokens[s],
             })
@@ -1740,7 +1746,12 @@ impl<B: Backend> ModelEngine<B> {
                 }
             }
         }
-        let append_idx = upload(be, "uploading cache slots", &append)?;
+        // (After an error inside the layers the buffer is not put back: allocated again.)
+        let mut append_idx = match ws.append_idx.take() {
+            Some(buf) => buf,
+            None => be.alloc("cache slots", append.len())?,
+        };
+        be.write("uploading cache slots", &append, &mut append_idx)?;
         let dshape = DecodeShape {
             batch: b,
             q_heads: cfg.n_heads,
@@ -1775,6 +1786,7 @@ impl<B: Backend> ModelEngine<B> {
             )?;
             pending = Some(lw.b_out.as_ref());
         }
+        ws.append_idx = Some(append_idx);
         final_norm(be, &cfg, model, ws, rows, pending)?;
         for (s, &n) in n_new.iter().enumerate() {
             cache.tokens[s] += n;
@@ -1783,5 +1795,79 @@ impl<B: Backend> ModelEngine<B> {
         let logits = self.row_logits(&last, rows)?;
         self.note_memory();
         Ok(logits)
+    }
+}
+
+impl<B: Backend + 'static> ModelEngine<B> {
+    /// Continuous batching: appends the sequences of `other` (a decode cache of this engine,
+    /// past its prefill) after those of `cache` (likewise). The joined buffers have the larger
+    /// capacity of the two; each source is scattered into them on the device.
+    pub fn join_decode(
+        &mut self,
+        cache: &mut dyn DecodeCache,
+        mut other: Box<dyn DecodeCache>,
+    ) -> Result<()> {
+        let Some(b) = other.as_any_mut().downcast_mut::<KvDecodeCache<B>>() else {
+            bail!("join_decode: the cache to join was made by another engine");
+        };
+        let Some(a) = cache.as_any_mut().downcast_mut::<KvDecodeCache<B>>() else {
+            bail!("join_decode: this cache was made by another engine");
+        };
+        ensure!(
+            a.allocated() && b.allocated(),
+            "join_decode: both caches must be past their prefill (a first decode call)"
+        );
+        self.apply_reorder(a)?;
+        self.apply_reorder(b)?;
+        let cfg = &self.cfg;
+        let (hkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
+        let cap = a.capacity.max(b.capacity);
+        let n = a.dev_batch + b.dev_batch;
+        // Destination row of every source row (sequence s, kv head h, entry i), sequences of
+        // `b` after those of `a`.
+        let dest = |c: &KvDecodeCache<B>, first_seq: usize| -> Vec<i32> {
+            (0..c.dev_batch * hkv)
+                .flat_map(|sh| (0..c.capacity).map(move |i| (first_seq * hkv + sh) * cap + i))
+                .map(|r| r as i32)
+                .collect()
+        };
+        let ia = upload(&self.be, "uploading KV-cache join rows", &dest(a, 0))?;
+        let ib = upload(
+            &self.be,
+            "uploading KV-cache join rows",
+            &dest(b, a.dev_batch),
+        )?;
+        let pa = ops::rows_params(a.dev_batch * hkv * a.capacity, hd)?;
+        let pb = ops::rows_params(b.dev_batch * hkv * b.capacity, hd)?;
+        let dst_rows = n * hkv * cap;
+        for l in 0..cfg.n_layers {
+            for (dst_buf, src_b) in [(&mut a.k[l], &b.k[l]), (&mut a.v[l], &b.v[l])] {
+                let what = format!(
+                    "layer {l} KV cache joined to {n} sequences × {cap} entries (a smaller \
+                     --max-batch or context needs less)"
+                );
+                let mut dst = self.be.alloc::<f16>(&what, dst_rows * hd)?;
+                self.be
+                    .scatter_rows(&pa, dst_rows, dst_buf, &ia, &mut dst)?;
+                self.be.scatter_rows(&pb, dst_rows, src_b, &ib, &mut dst)?;
+                *dst_buf = dst;
+            }
+        }
+        a.capacity = cap;
+        a.dev_batch = n;
+        a.index.extend(b.index.iter().copied());
+        a.prefix_len.extend(b.prefix_len.iter().copied());
+        a.tokens.extend(b.tokens.iter().copied());
+        a.positions.extend(b.positions.iter().copied());
+        self.note_memory();
+        Ok(())
+    }
+
+    /// Sequences of a decode cache of this engine that hold a prefix (each a copy of it in its
+    /// own cache rows); `None` when the cache is another engine's.
+    pub fn decode_prefix_copies(cache: &mut dyn DecodeCache) -> Option<(usize, usize)> {
+        let c = cache.as_any_mut().downcast_mut::<KvDecodeCache<B>>()?;
+        let with = c.prefix_len.iter().filter(|&&p| p > 0).count();
+        Some((with, c.prefix_len.iter().sum()))
     }
 }

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod device_optim;
 pub mod engine;
 pub mod gemm;
+pub mod host;
 pub mod model_ops;
 pub mod modules;
 pub mod ops;

@@ -4,7 +4,7 @@
 //! and the chunked LM head's gather/scatter and cross-entropy.
 //!
 //! The `*_params` functions validate sizes and fill the ABI structs; they are shared with the
-//! host emulation (`crate::emu::ops`), which runs the same kernel sources on the CPU. The launch
+//! simulated device (sim/), which runs the same kernel sources on the CPU. The launch
 //! functions check every buffer against the parameters (a buffer may be longer than needed, for
 //! workspaces sized for the largest chunk) and run asynchronously on the context's stream.
 
@@ -17,7 +17,7 @@ use super::abi::{
     pt_rows_params, PT_CE_SMEM, PT_CE_THREADS, PT_EW_THREADS, PT_NORM_LAYER, PT_NORM_RMS,
     PT_NORM_ROWS_PER_BLOCK, PT_NORM_THREADS,
 };
-use super::context::GpuContext;
+use super::context::{launched, GpuContext};
 
 // SAFETY: bindgen-generated `#[repr(C)]` structs of plain integers and floats, with the same
 // layout as the C definitions the kernels take by value.
@@ -155,7 +155,7 @@ pub fn ce_params(rows: usize, vocab: usize, grad_scale: Option<f32>) -> Result<p
     })
 }
 
-/// Element counts of the buffers of each kernel (shared by the GPU and emulation wrappers).
+/// Element counts of the buffers of each kernel (shared by the wrappers and `cuda::host`).
 pub mod sizes {
     use super::*;
 
@@ -210,11 +210,6 @@ pub fn ce_launch(rows: usize) -> LaunchConfig {
         block_dim: (PT_CE_THREADS, 1, 1),
         shared_mem_bytes: PT_CE_SMEM,
     }
-}
-
-fn launched<T>(name: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<()> {
-    r.map(|_| ())
-        .map_err(|e| anyhow!("launching {name}: {e:?}"))
 }
 
 /// The null device pointer, pushed for an absent optional buffer.
@@ -295,7 +290,7 @@ pub fn add_norm_forward(gpu: &GpuContext, p: &pt_norm_params, bufs: NormFwdBufs<
         check_len("y", y.len(), rows * d)?;
     }
     if bufs.y_bias.is_some() && bufs.y.is_none() {
-        // The kernel would ignore it; refused like the host emulation does.
+        // The kernel would ignore it: refused.
         bail!("a bias without a branch output");
     }
     if let Some(yb) = bufs.y_bias {

@@ -114,23 +114,43 @@ mod tests {
                 "pt_decode_attention",
                 ptrs(params::<pt_decode_params>(), 8),
             ),
+            (
+                "decode_attention",
+                "pt_decode_split_d64",
+                ptrs(params::<pt_decode_params>(), 10),
+            ),
+            (
+                "decode_attention",
+                "pt_decode_split_d128",
+                ptrs(params::<pt_decode_params>(), 10),
+            ),
+            (
+                "decode_attention",
+                "pt_decode_split_d256",
+                ptrs(params::<pt_decode_params>(), 10),
+            ),
+            (
+                "decode_attention",
+                "pt_decode_combine",
+                ptrs(params::<pt_decode_params>(), 4),
+            ),
             // src/cuda/attention.rs
             ("prefix_attention", "prefix_attn_fwd_d64", ptrs(attn, 9)),
             ("prefix_attention", "prefix_attn_fwd_d128", ptrs(attn, 9)),
             (
                 "prefix_attention",
                 "prefix_attn_bwd_preprocess",
-                ptrs(attn, 5),
+                ptrs(attn, 7),
             ),
             (
                 "prefix_attention",
                 "prefix_attn_bwd_dkdv_d64",
-                ptrs(attn, 15),
+                ptrs(attn, 17),
             ),
             (
                 "prefix_attention",
                 "prefix_attn_bwd_dkdv_d128",
-                ptrs(attn, 15),
+                ptrs(attn, 17),
             ),
             ("prefix_attention", "prefix_attn_bwd_dq_d64", ptrs(attn, 11)),
             (
@@ -142,6 +162,11 @@ mod tests {
                 "prefix_attention",
                 "prefix_attn_bwd_dq_convert",
                 ptrs(attn, 2),
+            ),
+            (
+                "prefix_attention",
+                "prefix_attn_bwd_kv_reduce",
+                ptrs(attn, 4),
             ),
             (
                 "prefix_attention",
@@ -279,4 +304,19 @@ mod tests {
             "the wrappers name {named} kernels, the build compiles {compiled}"
         );
     }
+}
+
+/// How one kernel is launched: what the kernel report (`crate::kernel_report`) needs beyond the
+/// cubin. The launch wrappers' `report_configs` give one per shipped configuration.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KernelConfig {
+    /// Name in the report.
+    pub label: String,
+    /// The function's symbol (exact), or a unique substring of it.
+    pub symbol: String,
+    pub threads: u32,
+    /// Dynamic shared memory per CTA, bytes.
+    pub dynamic_smem: u32,
+    /// HMMA instructions one warp issues per tile of the main loop (for barriers per tile).
+    pub tile_hmma: Option<u32>,
 }

@@ -10,9 +10,9 @@ use half::f16;
 
 use super::abi::{
     pt_adamw_params, pt_convert_params, pt_reduce_params, pt_sgd_params, PT_REDUCE_MAX_BLOCKS,
-    PT_REDUCE_THREADS,
+    PT_REDUCE_SMEM, PT_REDUCE_THREADS,
 };
-use super::context::GpuContext;
+use super::context::{launched, GpuContext};
 use crate::optim::{AdamWConfig, SgdConfig};
 
 /// Threads per block of the element-wise kernels.
@@ -36,11 +36,6 @@ fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
         bail!("{what}: expected {expected} elements, got {got}");
     }
     Ok(())
-}
-
-fn launched<T>(kernel: &str, r: Result<T, cudarc::driver::DriverError>) -> Result<()> {
-    r.map(|_| ())
-        .map_err(|e| anyhow!("launching {kernel}: {e:?}"))
 }
 
 /// `y = fp16(x)`, round to nearest even (overflow to ±inf).
@@ -260,12 +255,12 @@ pub fn sum_squares(
     let cfg1 = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (PT_REDUCE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: PT_REDUCE_SMEM,
     };
     let cfg2 = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (PT_REDUCE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: PT_REDUCE_SMEM,
     };
     let mut b1 = stream.launch_builder(&stage1);
     b1.arg(&p1).arg(x).arg(&mut partials);

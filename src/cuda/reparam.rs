@@ -4,15 +4,14 @@
 //! [`Reparam::forward`] / [`Reparam::backward`] step by step; parameters are uploaded per call
 //! (they are small and the host owns them, see [`crate::cuda::device_optim`]).
 //!
-//! [`ReparamOps`] is what a backend needs: the GPU launches the kernels, the host emulation
-//! ([`crate::emu::reparam`]) runs the same source on the CPU.
+//! [`ReparamOps`] is what the backend needs: the GPU launches the kernels.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::cuda::abi::PT_EW_THREADS;
 use crate::cuda::backend::{Backend, GpuBackend};
-use crate::emu::backend::EmuBackend;
+use crate::cuda::context::launched;
 use crate::prefix::{Reparam, ReparamCache, ReparamGrads};
 
 /// The epilogue of one matmul (`PT_REPARAM_*` in `kernels/reparam.cu`).
@@ -148,9 +147,7 @@ impl ReparamOps for GpuBackend {
             .arg(b);
         l.arg(bias.unwrap_or(a)).arg(h.unwrap_or(a)).arg(c);
         // SAFETY: lengths checked above; unused bias/h pointers are valid and never read.
-        unsafe { l.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| anyhow!("launching pt_reparam_gemm: {e:?}"))
+        launched("pt_reparam_gemm", unsafe { l.launch(cfg) })
     }
 
     fn col_sum(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()> {
@@ -160,27 +157,7 @@ impl ReparamOps for GpuBackend {
         let mut l = self.gpu.stream().launch_builder(&f);
         l.arg(&rows).arg(&cols).arg(x).arg(out);
         // SAFETY: x holds rows·cols elements, out cols.
-        unsafe { l.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| anyhow!("launching pt_reparam_col_sum: {e:?}"))
-    }
-}
-
-impl ReparamOps for EmuBackend {
-    fn reparam_gemm(
-        &self,
-        s: &GemmSpec,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        bias: Option<&Vec<f32>>,
-        h: Option<&Vec<f32>>,
-        c: &mut Vec<f32>,
-    ) -> Result<()> {
-        crate::emu::reparam::gemm(s, a, b, bias.map(|x| &x[..]), h.map(|x| &x[..]), c)
-    }
-
-    fn col_sum(&self, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        crate::emu::reparam::col_sum(x, out)
+        launched("pt_reparam_col_sum", unsafe { l.launch(cfg) })
     }
 }
 

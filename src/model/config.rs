@@ -8,7 +8,7 @@
 //!   interleaved permutation;
 //! - embeddings are `[vocab, d_model]`; an untied LM head is `[vocab, d_model]`.
 
-use crate::reference::real::Real;
+use crate::real::Real;
 
 /// Model family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -101,7 +101,7 @@ pub struct ModelWeights<T> {
 }
 
 fn cast_vec<A: Real, B: Real>(v: &[A]) -> Vec<B> {
-    crate::reference::real::cast(v)
+    crate::real::cast(v)
 }
 
 fn cast_opt<A: Real, B: Real>(v: &Option<Vec<A>>) -> Option<Vec<B>> {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 
+use super::bytes::FileBytes;
 use super::config::{Arch, LayerWeights, ModelConfig, ModelWeights};
 
 /// `GGUF` read as a little-endian u32.
@@ -699,11 +700,11 @@ pub fn unpermute_rope_rows(w: &[f32], n_heads: usize, head_dim: usize, cols: usi
     out
 }
 
-/// An open GGUF file: the memory map and its parsed header.
+/// An open GGUF file: its bytes (memory-mapped from disk) and its parsed header.
 pub struct GgufFile {
     pub path: PathBuf,
     pub header: GgufHeader,
-    map: memmap2::Mmap,
+    map: FileBytes,
 }
 
 impl GgufFile {
@@ -711,16 +712,16 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("opening GGUF file {}", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("reading metadata of {}", path.display()))?
-            .len();
+        let map = FileBytes::map(&file).with_context(|| format!("mapping {}", path.display()))?;
+        Self::from_bytes(path, map)
+    }
+
+    /// Parse a GGUF file's bytes already in memory (or mapped); `path` names it in errors.
+    pub fn from_bytes(path: &Path, map: FileBytes) -> Result<Self> {
+        let len = map.len();
         if len < 24 {
             bail!("{}: not a GGUF file (only {len} bytes)", path.display());
         }
-        // SAFETY: the map is read-only; files are not expected to change while loaded.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", path.display()))?;
         let header = parse_header(&map, &path.display().to_string())?;
         Ok(GgufFile {
             path: path.to_path_buf(),

@@ -1,4 +1,5 @@
 //! Loading frozen models and tokenizers: HF directories (config.json + safetensors) and GGUF.
+pub mod bytes;
 pub mod config;
 pub mod gguf;
 pub mod load;

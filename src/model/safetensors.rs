@@ -15,12 +15,13 @@ use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use super::bytes::FileBytes;
 use super::config::{Arch, LayerWeights, ModelConfig, ModelWeights};
 use super::tokenizer::Tokenizer;
 
 struct Shard {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: FileBytes,
     /// Start of the data section (8 + header length).
     data_start: usize,
     meta: Metadata,
@@ -34,9 +35,12 @@ pub struct SafetensorsSet {
 
 fn open_shard(path: &Path) -> Result<Shard> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: read-only map; files are not expected to change while loaded.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
+    let map = FileBytes::map(&file).with_context(|| format!("mapping {}", path.display()))?;
+    parse_shard(path, map)
+}
+
+/// The header (tensor table) of one safetensors file; `path` names it in errors.
+fn parse_shard(path: &Path, map: FileBytes) -> Result<Shard> {
     let (n, meta) = SafeTensors::read_metadata(&map)
         .map_err(|e| anyhow!("{}: malformed safetensors file: {e}", path.display()))?;
     let data_start = 8usize
@@ -96,21 +100,43 @@ impl SafetensorsSet {
                 dir.display()
             );
         };
-        let mut shards = Vec::new();
+        let shards = files
+            .iter()
+            .map(|f| open_shard(f))
+            .collect::<Result<Vec<_>>>()?;
+        Self::index(shards)
+    }
+
+    /// The safetensors files given as `(path, bytes)` (bytes in memory or mapped); the paths
+    /// name them in errors. What [`SafetensorsSet::open_dir`] does after reading the files.
+    pub fn from_bytes(files: Vec<(PathBuf, FileBytes)>) -> Result<Self> {
+        let shards = files
+            .into_iter()
+            .map(|(p, b)| parse_shard(&p, b))
+            .collect::<Result<Vec<_>>>()?;
+        Self::index(shards)
+    }
+
+    fn index(shards: Vec<Shard>) -> Result<Self> {
         let mut index = HashMap::new();
-        for f in &files {
-            let shard = open_shard(f)?;
+        for (i, shard) in shards.iter().enumerate() {
             for name in shard.meta.tensors().keys() {
-                if index.insert(name.clone(), shards.len()).is_some() {
+                if index.insert(name.clone(), i).is_some() {
                     bail!(
                         "{}: tensor '{name}' appears in more than one shard",
-                        f.display()
+                        shard.path.display()
                     );
                 }
             }
-            shards.push(shard);
         }
         Ok(SafetensorsSet { shards, index })
+    }
+
+    /// The names of every tensor, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
     }
 
     /// Shape and file of a tensor, if present.
@@ -260,16 +286,44 @@ impl Cfg<'_> {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+fn parse_json(path: &Path, bytes: &[u8]) -> Result<Value> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.valid_up_to()
+        )
+    })?;
+    serde_json::from_str(text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
 /// The model configuration from `config.json` (and `generation_config.json` for EOS ids).
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
-    let v = read_json(&path)?;
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let gen_path = dir.join("generation_config.json");
+    let gen = if gen_path.is_file() {
+        let g =
+            std::fs::read(&gen_path).with_context(|| format!("reading {}", gen_path.display()))?;
+        Some((gen_path, g))
+    } else {
+        None
+    };
+    parse_config(
+        &path,
+        &text,
+        gen.as_ref().map(|(p, b)| (p.as_path(), b.as_slice())),
+    )
+}
+
+/// [`read_config`] on the files' bytes: `config.json` at `path`, and `generation_config.json`
+/// when there is one; the paths name the files in errors.
+pub fn parse_config(
+    path: &Path,
+    bytes: &[u8],
+    generation: Option<(&Path, &[u8])>,
+) -> Result<ModelConfig> {
+    let v = parse_json(path, bytes)?;
     let c = Cfg {
         v: &v,
         file: path.display().to_string(),
@@ -287,11 +341,10 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     } else {
         bail!("{}: unsupported model_type '{model_type}' / architectures {archs:?} (supported: gpt2, llama)", c.file);
     };
-    let gen_path = dir.join("generation_config.json");
     let mut eos = Vec::new();
     let mut bos = None;
-    if gen_path.is_file() {
-        let g = read_json(&gen_path)?;
+    if let Some((gen_path, gen_bytes)) = generation {
+        let g = parse_json(gen_path, gen_bytes)?;
         let gc = Cfg {
             v: &g,
             file: gen_path.display().to_string(),
@@ -381,8 +434,18 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 /// All weights of an HF directory in [`ModelWeights`]' layout.
 pub fn load_hf_weights(dir: &Path) -> Result<ModelWeights<f32>> {
-    let mut c = read_config(dir)?;
+    let c = read_config(dir)?;
     let st = SafetensorsSet::open_dir(dir)?;
+    hf_weights(c, &st, dir)
+}
+
+/// The weights `config` asks for, from `st`, every shape checked against the config (`dir` names
+/// the model directory in errors). What [`load_hf_weights`] does after reading the files.
+pub fn hf_weights(
+    mut c: ModelConfig,
+    st: &SafetensorsSet,
+    dir: &Path,
+) -> Result<ModelWeights<f32>> {
     match c.arch {
         Arch::Gpt2 => {
             let (d, ff) = (c.d_model, c.d_ff);

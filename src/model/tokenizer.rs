@@ -159,18 +159,46 @@ impl Tokenizer {
     /// added; without it, the post-processor is asked. `bos`/`eos` come from the model's config when
     /// known, else from `tokenizer_config.json`'s token strings.
     pub fn from_hf_file(path: &Path, bos: Option<u32>, eos: &[u32]) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read the tokenizer", path.display()))?;
         let cfg_path = path.with_file_name("tokenizer_config.json");
-        let cfg: Option<serde_json::Value> = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path)
+        let cfg = if cfg_path.is_file() {
+            let b = std::fs::read(&cfg_path)
                 .with_context(|| format!("reading {}", cfg_path.display()))?;
-            Some(
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?,
-            )
+            Some((cfg_path, b))
         } else {
             None
+        };
+        let cfg = cfg.as_ref().map(|(p, b)| (p.as_path(), b.as_slice()));
+        Self::from_hf_bytes(path, &bytes, cfg, bos, eos)
+    }
+
+    /// [`Tokenizer::from_hf_file`] on the files' bytes: `tokenizer.json` at `path`, and
+    /// `tokenizer_config.json` when there is one; the paths name the files in errors.
+    pub fn from_hf_bytes(
+        path: &Path,
+        bytes: &[u8],
+        config: Option<(&Path, &[u8])>,
+        bos: Option<u32>,
+        eos: &[u32],
+    ) -> Result<Self> {
+        // Parsed to a JSON value first: tokenizers 0.22 panics instead of failing on some
+        // malformed JSON inside "decoder" (its deserializer `expect`s there); from an already
+        // parsed value that step cannot fail (fuzz finding, RELIABILITY.md).
+        let json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            anyhow!(
+                "{}: cannot load tokenizer: invalid JSON: {e}",
+                path.display()
+            )
+        })?;
+        let tok: tokenizers::Tokenizer = serde_json::from_value(json)
+            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let cfg: Option<serde_json::Value> = match config {
+            Some((cfg_path, b)) => Some(
+                serde_json::from_slice(b)
+                    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?,
+            ),
+            None => None,
         };
         let token_id = |key: &str| -> Option<u32> {
             let v = cfg.as_ref()?.get(key)?;

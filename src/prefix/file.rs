@@ -29,7 +29,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::peft::{peft_width, to_peft, write_peft};
 use super::PrefixBank;
 use crate::model::{Arch, ModelConfig};
-pub use crate::reference::model::Positions;
+pub use crate::types::Positions;
 
 /// The prefix file format version written (and the newest one read).
 pub const FORMAT_VERSION: u32 = 1;
@@ -205,14 +205,21 @@ const MAX_DIM: usize = 1 << 20;
 
 /// Loads a prefix file, checking everything; errors name the file.
 pub fn load_prefix(path: &Path) -> Result<(PrefixBank<f32>, PrefixMeta)> {
-    load_inner(path).with_context(|| format!("loading prefix file {}", path.display()))
+    std::fs::read(path)
+        .context("cannot read the file")
+        .and_then(|bytes| load_inner(&bytes))
+        .with_context(|| format!("loading prefix file {}", path.display()))
 }
 
-fn load_inner(path: &Path) -> Result<(PrefixBank<f32>, PrefixMeta)> {
-    let bytes = std::fs::read(path).context("cannot read the file")?;
-    let st = SafeTensors::deserialize(&bytes)
+/// [`load_prefix`] on a file's bytes; `path` names the file in errors.
+pub fn parse_prefix(path: &Path, bytes: &[u8]) -> Result<(PrefixBank<f32>, PrefixMeta)> {
+    load_inner(bytes).with_context(|| format!("loading prefix file {}", path.display()))
+}
+
+fn load_inner(bytes: &[u8]) -> Result<(PrefixBank<f32>, PrefixMeta)> {
+    let st = SafeTensors::deserialize(bytes)
         .context("not a valid safetensors file (truncated or corrupt)")?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).context("unreadable header")?;
+    let (_, header) = SafeTensors::read_metadata(bytes).context("unreadable header")?;
     let Some(map) = header.metadata() else {
         bail!("the header has no metadata: not a prefix-tune prefix file");
     };
@@ -419,15 +426,22 @@ pub fn save_reparam(path: &Path, r: &super::Reparam<f32>) -> Result<()> {
 
 /// Loads what [`save_reparam`] wrote, checking every shape against the others and the metadata.
 pub fn load_reparam(path: &Path) -> Result<super::Reparam<f32>> {
-    load_reparam_inner(path)
+    std::fs::read(path)
+        .context("cannot read the file")
+        .and_then(|bytes| load_reparam_inner(&bytes))
         .with_context(|| format!("loading reparameterization {}", path.display()))
 }
 
-fn load_reparam_inner(path: &Path) -> Result<super::Reparam<f32>> {
-    let bytes = std::fs::read(path).context("cannot read the file")?;
-    let st = SafeTensors::deserialize(&bytes)
+/// [`load_reparam`] on a file's bytes; `path` names the file in errors.
+pub fn parse_reparam(path: &Path, bytes: &[u8]) -> Result<super::Reparam<f32>> {
+    load_reparam_inner(bytes)
+        .with_context(|| format!("loading reparameterization {}", path.display()))
+}
+
+fn load_reparam_inner(bytes: &[u8]) -> Result<super::Reparam<f32>> {
+    let st = SafeTensors::deserialize(bytes)
         .context("not a valid safetensors file (truncated or corrupt)")?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).context("unreadable header")?;
+    let (_, header) = SafeTensors::read_metadata(bytes).context("unreadable header")?;
     let Some(map) = header.metadata() else {
         bail!("the header has no metadata: not a prefix-tune reparameterization file");
     };

@@ -9,24 +9,24 @@
 //! - [`file`]: our prefix files (safetensors + metadata), loading with validation.
 
 pub mod file;
-pub mod init;
 pub mod peft;
 pub mod reparam;
+pub mod resolve;
 
 pub use file::{
     check_compatible, load_prefix, load_prefix_for, load_reparam, save_prefix, save_reparam,
     Positions, PrefixMeta,
 };
-pub use init::{bank_from_kv, init_from_text};
 pub use peft::{export_peft_adapter, from_peft, import_peft_adapter, to_peft, PeftAdapterConfig};
 pub use reparam::{Reparam, ReparamCache, ReparamGrads};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use crate::reference::real::Real;
+use crate::model::config::ModelConfig;
+use crate::real::Real;
 
 /// Prefixes for every layer of a model, for one or more tasks.
 ///
@@ -226,7 +226,7 @@ impl<T: Real> PrefixBank<T> {
 
     /// The same bank in another scalar type.
     pub fn cast<U: Real>(&self) -> PrefixBank<U> {
-        let c = |x: &Vec<Vec<T>>| x.iter().map(|v| crate::reference::real::cast(v)).collect();
+        let c = |x: &Vec<Vec<T>>| x.iter().map(|v| crate::real::cast(v)).collect();
         PrefixBank {
             n_prefixes: self.n_prefixes,
             n_layers: self.n_layers,
@@ -237,4 +237,64 @@ impl<T: Real> PrefixBank<T> {
             v: c(&self.v),
         }
     }
+}
+
+/// Checks that `bank` fits the model and holds entry `index` (sequence `b`'s, for the message).
+pub fn check_bank<T: Real>(
+    cfg: &ModelConfig,
+    bank: &PrefixBank<T>,
+    index: Option<usize>,
+    b: usize,
+) -> Result<()> {
+    let (hkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
+    ensure!(
+        bank.n_layers == cfg.n_layers && bank.kv_heads == hkv && bank.head_dim == hd,
+        "prefix bank is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
+        bank.n_layers,
+        bank.kv_heads,
+        bank.head_dim,
+        cfg.n_layers,
+        hkv,
+        hd
+    );
+    ensure!(
+        bank.k.len() == bank.n_layers
+            && bank.v.len() == bank.n_layers
+            && bank
+                .k
+                .iter()
+                .chain(&bank.v)
+                .all(|x| x.len() == bank.layer_len()),
+        "prefix bank: layer buffers have the wrong size"
+    );
+    if let Some(i) = index {
+        ensure!(
+            i < bank.n_prefixes,
+            "sequence {b} asks for prefix {i} but the bank holds {}",
+            bank.n_prefixes
+        );
+    }
+    Ok(())
+}
+
+/// The checks of a decode request that every engine makes first, so that all refuse alike: the
+/// bank fits the model, and each sequence's prefix index names a prefix of it.
+pub fn check_decode_request<T: Real>(
+    cfg: &ModelConfig,
+    bank: Option<&PrefixBank<T>>,
+    prefix_index: &[Option<usize>],
+) -> Result<()> {
+    if let Some(p) = bank {
+        check_bank(cfg, p, None, 0)?;
+    }
+    for (b, idx) in prefix_index.iter().enumerate() {
+        match (*idx, bank) {
+            (None, _) => {}
+            (Some(i), None) => {
+                anyhow::bail!("sequence {b} asks for prefix {i} but no prefix was given")
+            }
+            (Some(i), Some(p)) => check_bank(cfg, p, Some(i), b)?,
+        }
+    }
+    Ok(())
 }

@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 use super::file::{tensor_to_f32, write_atomic};
 use super::PrefixBank;
 use crate::model::ModelConfig;
-use crate::reference::real::Real;
+use crate::real::Real;
 
 /// Width of one PEFT prefix row: `2 · n_layers · kv_heads · head_dim`.
 pub fn peft_width(n_layers: usize, kv_heads: usize, head_dim: usize) -> usize {
@@ -182,9 +182,43 @@ fn get_usize(cfg: &Value, key: &str, file: &Path) -> Result<usize> {
 /// `adapter_model.safetensors`) as a one-prefix bank (f16/bf16 files are widened to f32).
 pub fn import_peft_adapter(dir: &Path) -> Result<(PrefixBank<f32>, PeftAdapterConfig)> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path)
+    let text = std::fs::read(&cfg_path)
         .with_context(|| format!("reading PEFT adapter config {}", cfg_path.display()))?;
-    let cfg: Value = serde_json::from_str(&text)
+    let st_path = dir.join("adapter_model.safetensors");
+    // The config is checked before the weights are read.
+    let st_bytes = || {
+        if !st_path.exists() && dir.join("adapter_model.bin").exists() {
+            bail!(
+                "{}: only adapter_model.bin (pickle) is present; re-save the adapter with \
+                 save_pretrained(..., safe_serialization=True)",
+                dir.display()
+            );
+        }
+        std::fs::read(&st_path)
+            .with_context(|| format!("reading PEFT adapter weights {}", st_path.display()))
+    };
+    import_peft_parts(&cfg_path, &text, &st_path, st_bytes)
+}
+
+/// [`import_peft_adapter`] on the bytes of the directory's two files: `adapter_config.json`
+/// (`cfg_path`, `cfg_bytes`) and `adapter_model.safetensors` (`st_path`, `st_bytes`); the paths
+/// name the files in errors.
+pub fn parse_peft_adapter(
+    cfg_path: &Path,
+    cfg_bytes: &[u8],
+    st_path: &Path,
+    st_bytes: &[u8],
+) -> Result<(PrefixBank<f32>, PeftAdapterConfig)> {
+    import_peft_parts(cfg_path, cfg_bytes, st_path, || Ok(st_bytes.to_vec()))
+}
+
+fn import_peft_parts(
+    cfg_path: &Path,
+    cfg_bytes: &[u8],
+    st_path: &Path,
+    st_bytes: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<(PrefixBank<f32>, PeftAdapterConfig)> {
+    let cfg: Value = serde_json::from_slice(cfg_bytes)
         .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
     let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "PREFIX_TUNING" {
@@ -212,10 +246,10 @@ pub fn import_peft_adapter(dir: &Path) -> Result<(PrefixBank<f32>, PeftAdapterCo
             cfg_path.display()
         );
     }
-    let num_virtual_tokens = get_usize(&cfg, "num_virtual_tokens", &cfg_path)?;
-    let num_layers = get_usize(&cfg, "num_layers", &cfg_path)?;
-    let token_dim = get_usize(&cfg, "token_dim", &cfg_path)?;
-    let num_attention_heads = get_usize(&cfg, "num_attention_heads", &cfg_path)?;
+    let num_virtual_tokens = get_usize(&cfg, "num_virtual_tokens", cfg_path)?;
+    let num_layers = get_usize(&cfg, "num_layers", cfg_path)?;
+    let token_dim = get_usize(&cfg, "token_dim", cfg_path)?;
+    let num_attention_heads = get_usize(&cfg, "num_attention_heads", cfg_path)?;
     if token_dim % num_attention_heads != 0 {
         bail!(
             "{}: token_dim {token_dim} is not divisible by num_attention_heads {num_attention_heads}",
@@ -228,16 +262,7 @@ pub fn import_peft_adapter(dir: &Path) -> Result<(PrefixBank<f32>, PeftAdapterCo
         .filter(|&n| n <= 1 << 32)
         .with_context(|| format!("{}: prefix size overflows", cfg_path.display()))?;
 
-    let st_path = dir.join("adapter_model.safetensors");
-    if !st_path.exists() && dir.join("adapter_model.bin").exists() {
-        bail!(
-            "{}: only adapter_model.bin (pickle) is present; re-save the adapter with \
-             save_pretrained(..., safe_serialization=True)",
-            dir.display()
-        );
-    }
-    let bytes = std::fs::read(&st_path)
-        .with_context(|| format!("reading PEFT adapter weights {}", st_path.display()))?;
+    let bytes = st_bytes()?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", st_path.display()))?;
     let mut hits: Vec<(String, TensorView)> = st

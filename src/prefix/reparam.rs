@@ -17,7 +17,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use super::peft::{from_peft, peft_width};
 use super::PrefixBank;
-use crate::reference::real::{matmul, Real, Trans};
+use crate::real::{matmul, Real, Trans};
 
 /// The reparameterization's parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,7 +129,7 @@ impl<T: Real> Reparam<T> {
 
     /// The same parameters in another scalar type.
     pub fn cast<U: Real>(&self) -> Reparam<U> {
-        use crate::reference::real::cast;
+        use crate::real::cast;
         Reparam {
             n_layers: self.n_layers,
             kv_heads: self.kv_heads,

@@ -14,47 +14,7 @@ use rayon::prelude::*;
 
 use super::real::{matmul, Real, Trans};
 
-/// Sizes of one prefix-attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttnShape {
-    /// Batch size (sequences).
-    pub batch: usize,
-    /// Query heads.
-    pub q_heads: usize,
-    /// Key/value heads; divides `q_heads`.
-    pub kv_heads: usize,
-    /// Sequence length (padded).
-    pub seq: usize,
-    /// Prefix length P (may be 0).
-    pub prefix: usize,
-    /// Head dimension.
-    pub head_dim: usize,
-    /// Number of prefixes in the bank.
-    pub n_prefixes: usize,
-}
-
-impl AttnShape {
-    /// Query heads per kv head.
-    pub fn group(&self) -> usize {
-        self.q_heads / self.kv_heads
-    }
-    /// Elements of Q or O: `B·Hq·T·D`.
-    pub fn q_len(&self) -> usize {
-        self.batch * self.q_heads * self.seq * self.head_dim
-    }
-    /// Elements of sequence K or V: `B·Hkv·T·D`.
-    pub fn kv_len(&self) -> usize {
-        self.batch * self.kv_heads * self.seq * self.head_dim
-    }
-    /// Elements of the prefix bank for K or V: `n_prefixes·Hkv·P·D`.
-    pub fn bank_len(&self) -> usize {
-        self.n_prefixes * self.kv_heads * self.prefix * self.head_dim
-    }
-    /// Elements of the LSE: `B·Hq·T`.
-    pub fn lse_len(&self) -> usize {
-        self.batch * self.q_heads * self.seq
-    }
-}
+pub use crate::types::AttnShape;
 
 /// Inputs of prefix attention (borrowed).
 #[derive(Clone, Copy, Debug)]

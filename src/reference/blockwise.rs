@@ -59,8 +59,8 @@ pub struct BlockSizes {
 }
 
 impl BlockSizes {
-    /// The forward kernel's tile, 64 × 64 (`PT_ATTN_FWD_BLOCK_M`, `PT_ATTN_FWD_BLOCK_N` in
-    /// `kernels/abi/attention.h`).
+    /// 64 × 64 tiles (the deterministic dQ kernel's, `PT_ATTN_DQ_BLOCK_M`/`_N` in
+    /// `kernels/abi/attention.h`; the forward kernel uses 128 × 64 at D = 64, 128 × 32 at 128).
     pub const DEFAULT: BlockSizes = BlockSizes { q: 64, k: 64 };
 
     fn check(&self) {

@@ -1,17 +1,25 @@
 //! KV-cache decoding on the CPU: prefill and one-token steps for a batch of sequences, each with
 //! its own key/value cache, built from the layer functions of [`super::layers`].
 //!
-//! Cache layout, per sequence and per layer: keys (after RoPE) and values `[Hkv, len, D]`, whose
-//! first `P` entries are the sequence's prefix (its entry of a prefix bank, or nothing) and the
-//! rest the real tokens seen so far. A step appends new tokens to each sequence (any number, at
-//! least one: a whole prompt for the prefill, one token when decoding) and returns the logits of
-//! each sequence's last new token. Positions follow [`Positions`]: the `i`-th real token sits at
-//! `P + i` (after-prefix) or `i` (from-zero).
+//! Cache layout, per sequence and per layer: the keys (after RoPE) and values `[Hkv, len, D]` the
+//! sequence attends to are its prefix's `P` entries (an entry of a prefix bank, or nothing) then
+//! the real tokens seen so far. The prefix is not copied into the sequence: every sequence using
+//! it holds the same [`SharedPrefix`] (an `Arc` of the bank), so a prefix is held once however
+//! many sequences use it; a sequence owns only its tokens' keys and values. A step appends new
+//! tokens to each sequence (any number, at least one: a whole prompt or a chunk of one for the
+//! prefill, one token when decoding) and returns the logits of each sequence's last new token.
+//! Positions follow [`Positions`], per sequence: the `i`-th real token sits at `P + i`
+//! (after-prefix) or `i` (from-zero).
+//!
+//! Sequences can join a running cache ([`KvCache::append`]) and leave it ([`KvCache::reorder`])
+//! between steps: the continuous batching of `prefix-tune serve`.
 //!
 //! The token-wise work (norms, projections, MLP, head) runs on all sequences' new tokens at once;
 //! attention runs per sequence, with the cache playing the part of the always-visible prefix in
 //! [`attention::forward`] and the new tokens causal among themselves, so the math is exactly the
 //! full-sequence forward's.
+
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
 
@@ -23,25 +31,80 @@ use super::layers::{
 use super::model::Positions;
 use super::real::{matmul, Real, Trans};
 use crate::model::config::{Arch, ModelConfig, ModelWeights};
-use crate::prefix::PrefixBank;
+use crate::prefix::{check_bank, check_decode_request, PrefixBank};
+
+/// One entry of a prefix bank, shared (not copied) by every sequence that uses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedPrefix<T> {
+    pub bank: Arc<PrefixBank<T>>,
+    /// Which prefix of the bank.
+    pub index: usize,
+}
+
+impl<T: Real> SharedPrefix<T> {
+    /// Layer `l`'s keys of this prefix, `[Hkv, P, D]`.
+    fn k(&self, l: usize) -> &[T] {
+        let per = self.bank.prefix_len_elems();
+        &self.bank.k[l][self.index * per..(self.index + 1) * per]
+    }
+
+    /// Layer `l`'s values of this prefix, `[Hkv, P, D]`.
+    fn v(&self, l: usize) -> &[T] {
+        let per = self.bank.prefix_len_elems();
+        &self.bank.v[l][self.index * per..(self.index + 1) * per]
+    }
+
+    /// Whether `other` is the same entry of the same bank (the same memory).
+    pub fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.bank, &other.bank) && self.index == other.index
+    }
+}
 
 /// One sequence's cache.
 #[derive(Clone, Debug, PartialEq)]
 struct SeqCache<T> {
-    /// Prefix entries at the front of the cache (P, or 0 without a prefix).
+    /// The prefix in front of the tokens (shared with every sequence using it).
+    prefix: Option<SharedPrefix<T>>,
+    /// Prefix entries in front of the tokens (P, or 0 without a prefix).
     prefix_len: usize,
+    positions: Positions,
     /// Real tokens cached so far.
     tokens: usize,
-    /// Per layer, keys `[Hkv, prefix_len + tokens, D]` (after RoPE).
+    /// Per layer, the real tokens' keys `[Hkv, tokens, D]` (after RoPE).
     k: Vec<Vec<T>>,
-    /// Per layer, values `[Hkv, prefix_len + tokens, D]`.
+    /// Per layer, the real tokens' values `[Hkv, tokens, D]`.
     v: Vec<Vec<T>>,
 }
 
 impl<T: Real> SeqCache<T> {
+    fn new(n_layers: usize, prefix: Option<SharedPrefix<T>>, positions: Positions) -> Self {
+        SeqCache {
+            prefix_len: prefix.as_ref().map_or(0, |p| p.bank.len),
+            prefix,
+            positions,
+            tokens: 0,
+            k: vec![Vec::new(); n_layers],
+            v: vec![Vec::new(); n_layers],
+        }
+    }
+
     fn len(&self) -> usize {
         self.prefix_len + self.tokens
     }
+}
+
+/// How the sequences of a cache hold their prefixes (see [`KvCache::sharing`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixSharing {
+    /// Sequences with a prefix.
+    pub sequences_with_prefix: usize,
+    /// Distinct prefixes in memory among them (one per prefix used when shared, one per
+    /// sequence when copied).
+    pub prefixes_held: usize,
+    /// Bytes of those prefixes' keys and values.
+    pub prefix_bytes: usize,
+    /// Bytes of the sequences' own (token) keys and values.
+    pub token_bytes: usize,
 }
 
 /// Key/value caches of a batch of sequences being decoded.
@@ -50,76 +113,63 @@ pub struct KvCache<T> {
     n_layers: usize,
     kv_heads: usize,
     head_dim: usize,
-    positions: Positions,
     seqs: Vec<SeqCache<T>>,
 }
 
 impl<T: Real> KvCache<T> {
     /// Empty caches for `prefix_index.len()` sequences: sequence `b` starts with prefix
-    /// `prefix_index[b]` of `bank` (`None`: no prefix). Errors when the bank does not fit the
-    /// model or an index is out of range.
+    /// `prefix_index[b]` of `bank` (`None`: no prefix); the bank is held once for all of them.
+    /// Errors when the bank does not fit the model or an index is out of range.
     pub fn new(
         cfg: &ModelConfig,
         bank: Option<&PrefixBank<T>>,
         prefix_index: &[Option<usize>],
         positions: Positions,
     ) -> Result<Self> {
-        let (hkv, hd) = (cfg.n_kv_heads, cfg.head_dim);
-        if let Some(p) = bank {
-            ensure!(
-                p.n_layers == cfg.n_layers && p.kv_heads == hkv && p.head_dim == hd,
-                "prefix bank is {} layers × {} kv heads × head dim {}, the model {} × {} × {}",
-                p.n_layers,
-                p.kv_heads,
-                p.head_dim,
-                cfg.n_layers,
-                hkv,
-                hd
-            );
-            ensure!(
-                p.k.len() == p.n_layers
-                    && p.v.len() == p.n_layers
-                    && p.k.iter().chain(&p.v).all(|x| x.len() == p.layer_len()),
-                "prefix bank: layer buffers have the wrong size"
-            );
-        }
+        check_decode_request(cfg, bank, prefix_index)?;
+        let shared = bank
+            .filter(|_| prefix_index.iter().any(Option::is_some))
+            .map(|b| Arc::new(b.clone()));
         let mut seqs = Vec::with_capacity(prefix_index.len());
         for (b, idx) in prefix_index.iter().enumerate() {
-            let seq = match (*idx, bank) {
-                (None, _) => SeqCache {
-                    prefix_len: 0,
-                    tokens: 0,
-                    k: vec![Vec::new(); cfg.n_layers],
-                    v: vec![Vec::new(); cfg.n_layers],
-                },
+            let prefix = match (*idx, &shared) {
+                (None, _) => None,
                 (Some(i), None) => {
                     bail!("sequence {b} asks for prefix {i} but no prefix was given")
                 }
-                (Some(i), Some(p)) => {
-                    ensure!(
-                        i < p.n_prefixes,
-                        "sequence {b} asks for prefix {i} but the bank holds {}",
-                        p.n_prefixes
-                    );
-                    let per = p.prefix_len_elems();
-                    let part = |x: &Vec<T>| x[i * per..(i + 1) * per].to_vec();
-                    SeqCache {
-                        prefix_len: p.len,
-                        tokens: 0,
-                        k: p.k.iter().map(part).collect(),
-                        v: p.v.iter().map(part).collect(),
-                    }
-                }
+                (Some(i), Some(bank)) => Some(SharedPrefix {
+                    bank: bank.clone(),
+                    index: i,
+                }),
             };
-            seqs.push(seq);
+            seqs.push(SeqCache::new(cfg.n_layers, prefix, positions));
         }
-        Ok(KvCache {
+        Ok(Self::from_seqs(cfg, seqs))
+    }
+
+    /// Empty caches for sequences each with its own prefix (or none) and position convention:
+    /// sequences naming the same [`SharedPrefix`] share its memory.
+    pub fn with_prefixes(
+        cfg: &ModelConfig,
+        seqs: &[(Option<SharedPrefix<T>>, Positions)],
+    ) -> Result<Self> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for (b, (prefix, positions)) in seqs.iter().enumerate() {
+            if let Some(p) = prefix {
+                check_bank(cfg, &p.bank, Some(p.index), b)?;
+            }
+            out.push(SeqCache::new(cfg.n_layers, prefix.clone(), *positions));
+        }
+        Ok(Self::from_seqs(cfg, out))
+    }
+
+    fn from_seqs(cfg: &ModelConfig, seqs: Vec<SeqCache<T>>) -> Self {
+        KvCache {
             n_layers: cfg.n_layers,
-            kv_heads: hkv,
-            head_dim: hd,
-            positions,
+            kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
             seqs,
-        })
+        }
     }
 
     /// Number of sequences.
@@ -137,8 +187,45 @@ impl<T: Real> KvCache<T> {
         self.seqs[b].prefix_len
     }
 
-    /// Keeps, in order, the sequences `rows` name (repeats copy a sequence: beam search's
-    /// reordering; a shorter list drops finished sequences).
+    /// The prefix sequence `b` attends to.
+    pub fn prefix(&self, b: usize) -> Option<&SharedPrefix<T>> {
+        self.seqs[b].prefix.as_ref()
+    }
+
+    /// Appends the sequences of `other` (made for the same model, any of them part-way through
+    /// their tokens) after this cache's: sequences join a running batch.
+    pub fn append(&mut self, other: KvCache<T>) -> Result<()> {
+        ensure!(
+            (other.n_layers, other.kv_heads, other.head_dim)
+                == (self.n_layers, self.kv_heads, self.head_dim),
+            "append: the caches were made for different model shapes"
+        );
+        self.seqs.extend(other.seqs);
+        Ok(())
+    }
+
+    /// How the sequences hold their prefixes: distinct prefixes in memory (by identity, not by
+    /// value) and the bytes of prefixes and of the sequences' own keys and values.
+    pub fn sharing(&self) -> PrefixSharing {
+        let mut held: Vec<&SharedPrefix<T>> = Vec::new();
+        let mut out = PrefixSharing::default();
+        let elem = std::mem::size_of::<T>();
+        for s in &self.seqs {
+            out.token_bytes += s.k.iter().chain(&s.v).map(Vec::len).sum::<usize>() * elem;
+            if let Some(p) = &s.prefix {
+                out.sequences_with_prefix += 1;
+                if !held.iter().any(|h| h.same_as(p)) {
+                    held.push(p);
+                    out.prefix_bytes += 2 * self.n_layers * p.bank.prefix_len_elems() * elem;
+                }
+            }
+        }
+        out.prefixes_held = held.len();
+        out
+    }
+
+    /// Keeps, in order, the sequences `rows` name (repeats copy a sequence's tokens, sharing its
+    /// prefix: beam search's reordering; a shorter list drops finished sequences).
     pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
         if let Some(&r) = rows.iter().find(|&&r| r >= self.seqs.len()) {
             bail!(
@@ -168,7 +255,7 @@ impl<T: Real> KvCache<T> {
     /// Position of the next real token of sequence `b`.
     fn next_position(&self, b: usize) -> usize {
         let s = &self.seqs[b];
-        match self.positions {
+        match s.positions {
             Positions::AfterPrefix => s.prefix_len + s.tokens,
             Positions::FromZero => s.tokens,
         }
@@ -275,6 +362,18 @@ pub fn decode_step<T: Real>(
                 rope_forward(&mut kb, hkv, n, rope);
             }
             let past = seq.len();
+            // The keys/values attended to: the shared prefix's, then the sequence's own (a
+            // working copy for this call; the cache keeps the prefix once).
+            let (past_k, past_v) = match &seq.prefix {
+                Some(p) => (
+                    std::borrow::Cow::Owned(append_tokens(p.k(l), &seq.k[l], hkv, hd)),
+                    std::borrow::Cow::Owned(append_tokens(p.v(l), &seq.v[l], hkv, hd)),
+                ),
+                None => (
+                    std::borrow::Cow::Borrowed(&seq.k[l][..]),
+                    std::borrow::Cow::Borrowed(&seq.v[l][..]),
+                ),
+            };
             let shape = AttnShape {
                 batch: 1,
                 q_heads: hq,
@@ -288,8 +387,8 @@ pub fn decode_step<T: Real>(
                 q: &qb,
                 k: &kb,
                 v: &vb,
-                prefix_k: &seq.k[l],
-                prefix_v: &seq.v[l],
+                prefix_k: &past_k,
+                prefix_v: &past_v,
                 prefix_index: &[0],
                 valid_len: &[n],
                 scale,

@@ -407,40 +407,7 @@ pub fn swiglu_backward<T: Real>(dy: &[T], gate: &[T], up: &[T]) -> (Vec<T>, Vec<
 // Rotary position embedding
 // ---------------------------------------------------------------------------------------------
 
-/// Cosines and sines of RoPE for a list of token positions (HF "rotate_half" convention):
-/// entry `r` holds `cos/sin(pos[r]·θ^(−2i/D))` for `i < D/2`. Angles are computed in f64.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Rope<T> {
-    pub head_dim: usize,
-    /// `[positions, D/2]`.
-    pub cos: Vec<T>,
-    /// `[positions, D/2]`.
-    pub sin: Vec<T>,
-}
-
-impl<T: Real> Rope<T> {
-    /// Tables for the given positions (one entry per token row of the batch, `[B·T]`).
-    pub fn new(head_dim: usize, theta: f64, positions: &[usize]) -> Self {
-        assert!(
-            head_dim % 2 == 0,
-            "RoPE needs an even head dimension, got {head_dim}"
-        );
-        let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
-            .collect();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &inv_freq {
-                let angle = p as f64 * f;
-                cos.push(T::of(angle.cos()));
-                sin.push(T::of(angle.sin()));
-            }
-        }
-        Rope { head_dim, cos, sin }
-    }
-}
+pub use crate::types::Rope;
 
 /// Rotates every (b, h, t) row of `x [B, H, T, D]` in place by table entry `b·T + t`:
 /// `x'[i] = x[i]·cos − x[i+D/2]·sin`, `x'[i+D/2] = x[i+D/2]·cos + x[i]·sin`.

@@ -2,7 +2,8 @@
 pub mod attention;
 pub mod blockwise;
 pub mod decode;
+pub mod init;
 pub mod layers;
 pub mod model;
-pub mod real;
+pub use crate::real;
 pub mod testing;

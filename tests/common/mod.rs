@@ -1,5 +1,5 @@
 //! What several integration tests share: skipping visibly (or failing when the environment
-//! requires the missing thing), the GPU / host-emulation / SmolLM2 gates.
+//! requires the missing thing), the GPU / SmolLM2 gates.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -37,18 +37,21 @@ pub fn gpu_or_skip(test: &str) -> Option<prefix_tune::cuda::GpuContext> {
     }
 }
 
-/// Whether the host emulation of the kernels was built; a visible skip otherwise (a failure under
-/// `PREFIX_TUNE_REQUIRE_KERNELS=1`).
-pub fn emulation_or_skip(test: &str) -> bool {
-    if prefix_tune::emu::available() {
-        return true;
+/// Whether the shared device of `prefix_tune::cuda::host` (GPU 0: a real card, or the simulated
+/// device of `scripts/sim`) is usable; a visible skip otherwise (a failure under
+/// `PREFIX_TUNE_REQUIRE_GPU=1`).
+pub fn host_gpu_or_skip(test: &str) -> bool {
+    match prefix_tune::cuda::host::device() {
+        Ok(_) => true,
+        Err(e) => {
+            skip(
+                "PREFIX_TUNE_REQUIRE_GPU",
+                test,
+                &format!("no usable GPU ({e:#}); run under scripts/sim for the simulated device"),
+            );
+            false
+        }
     }
-    skip(
-        "PREFIX_TUNE_REQUIRE_KERNELS",
-        test,
-        "no host emulation in this build (CUDA headers not found; run scripts/setup)",
-    );
-    false
 }
 
 /// The real SmolLM2-135M-Instruct GGUF, loaded once per test binary; `None` after a visible skip
@@ -70,13 +73,13 @@ pub fn smollm2(test: &str) -> Option<&'static LoadedModel> {
 }
 
 /// A bank of one prefix per token list, each initialized from the model's keys/values of those
-/// real words (`prefix::init::init_from_text`), cut to the shortest and rounded to fp16 (so
+/// real words (`reference::init::init_from_text`), cut to the shortest and rounded to fp16 (so
 /// fp16 and f32 engines see the same numbers).
 pub fn real_word_bank(
     w: &prefix_tune::model::config::ModelWeights<f32>,
     tokens: &[Vec<u32>],
 ) -> prefix_tune::prefix::PrefixBank<f32> {
-    use prefix_tune::prefix::init::init_from_text;
+    use prefix_tune::reference::init::init_from_text;
     let banks: Vec<_> = tokens
         .iter()
         .map(|t| init_from_text(w, t).expect("prefix from real words"))

@@ -43,7 +43,9 @@ def make_model(name, tiny):
         cfg._attn_implementation = "sdpa"
         return LlamaForCausalLM(cfg)
     if name == "gpt2-medium":
-        cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16)
+        # Dropout off (GPT2Config defaults to 0.1 three times), as in our engine and Llama's config.
+        cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         if tiny:
             cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head = 512, 2, 128, 2
         cfg._attn_implementation = "sdpa"
@@ -60,6 +62,7 @@ def bench(name, args):
     model = get_peft_model(
         base, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.prefix_len)
     )
+    model.eval()  # no dropout anywhere; the prefix still requires grad and trains
     # The prefix parameters train in fp32 whatever the base's dtype.
     for p in model.parameters():
         if p.requires_grad:

@@ -36,20 +36,29 @@ def flops_fwd(b, h, t, p, d):
     return 4.0 * b * h * d * t * (p + t / 2.0)
 
 
-def median_ms(fn, device, warmup=3, reps=15):
+def median_ms(fn, device, warmup=3, reps=10, calls=5):
+    """prefix-tune's GPU_PROTOCOL (src/bench.rs), so both sides are timed alike: warm-up calls,
+    then `reps` runs of `calls` back-to-back calls between two CUDA events (no synchronisation
+    inside a run), the L2 cache flushed (a memset of twice its size) before each run, outside the
+    events; the median run's time per call."""
     for _ in range(warmup):
         fn()
     if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
+        flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
         times = []
         for _ in range(reps):
+            flush.zero_()
             s = torch.cuda.Event(enable_timing=True)
             e = torch.cuda.Event(enable_timing=True)
             s.record()
-            fn()
+            for _ in range(calls):
+                fn()
             e.record()
             e.synchronize()
-            times.append(s.elapsed_time(e))
+            times.append(s.elapsed_time(e) / calls)
     else:
         times = []
         for _ in range(reps):

@@ -3,8 +3,10 @@
 
 SmolLM2-135M-Instruct from the Q4_1 GGUF dequantised to float32 by transformers, PEFT
 PrefixTuning (P virtual tokens), a batch of B x T random tokens, every position a target;
-forward + backward with only the prefix requiring grad (the model is frozen). Times several steps
-after warm-up on all cores (torch.get_num_threads()) and prints one JSON line.
+forward + backward with only the prefix requiring grad (the model is frozen). Times the forward
+alone (the loss, no grad) and then the step, several of each after warm-up, on all cores
+(torch.get_num_threads()), and prints one JSON line. tools/bench/cpu_vs_torch runs it interleaved
+with ours.
 
 Usage:
   /root/.cache/prefix-tune/oracle-venv/bin/python tools/bench/torch_cpu_step.py [--batch 4 --seq 128 --prefix 10]
@@ -66,6 +68,15 @@ def main() -> None:
         emb.grad = None
         return t1 - t0
 
+    def forward() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pm(input_ids=ids, attention_mask=mask, labels=ids).loss.item()
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        forward()
+    fwd = [forward() for _ in range(args.steps)]
     for _ in range(args.warmup):
         step()
     times = [step() for _ in range(args.steps)]
@@ -81,6 +92,8 @@ def main() -> None:
                 "seq": args.seq,
                 "prefix": args.prefix,
                 "steps": args.steps,
+                "forward_median_s": statistics.median(fwd),
+                "forward_min_s": min(fwd),
                 "median_s": statistics.median(times),
                 "min_s": min(times),
                 "mean_s": statistics.mean(times),

@@ -62,6 +62,10 @@ pub struct Function {
 pub struct Objects {
     next: u64,
     pub streams: HashMap<u64, Arc<Stream>>,
+    /// Destroyed streams whose queued work may still be running (it runs to the end, as on a
+    /// GPU): a context synchronisation and a reset wait for it too, so that a free queued before
+    /// the destroy can never land after a reset, on an allocation of the next context.
+    pub retiring: Vec<Arc<Stream>>,
     pub events: HashMap<u64, Arc<Event>>,
     pub modules: HashMap<u64, Arc<Module>>,
     pub functions: HashMap<u64, Arc<Function>>,
@@ -82,6 +86,11 @@ pub struct Sim {
     /// The context's error after a kernel fault (every later call returns it).
     pub sticky: Mutex<Option<(CUresult, String)>>,
     pub ctx_refs: Mutex<usize>,
+    /// Held across each retain, release and reset of the primary context, so that a release that
+    /// resets it finishes before another thread's retain returns (as the driver serialises them):
+    /// otherwise a thread that retains while another thread's last release is resetting would
+    /// see its new modules and allocations wiped by that reset.
+    pub lifecycle: Mutex<()>,
     pub counters: Counters,
     pub started: Instant,
 }
@@ -124,6 +133,7 @@ fn build() -> Result<Sim, String> {
         objects: Mutex::new(Objects::default()),
         sticky: Mutex::new(None),
         ctx_refs: Mutex::new(0),
+        lifecycle: Mutex::new(()),
         counters: Counters::default(),
         started: Instant::now(),
     })
@@ -317,14 +327,10 @@ pub fn function(s: &Sim, h: CUfunction) -> Result<Arc<Function>, Fail> {
 
 /// Waits for every stream (context synchronisation).
 fn sync_all(s: &Sim) {
-    let streams: Vec<Arc<Stream>> = s
-        .objects
-        .lock()
-        .unwrap()
-        .streams
-        .values()
-        .cloned()
-        .collect();
+    let streams: Vec<Arc<Stream>> = {
+        let o = s.objects.lock().unwrap();
+        o.streams.values().chain(&o.retiring).cloned().collect()
+    };
     for st in streams {
         st.wait_all();
     }
@@ -347,7 +353,8 @@ fn mem_err(e: MemError) -> Fail {
 fn reset(s: &Sim) {
     let streams: Vec<Arc<Stream>> = {
         let mut o = s.objects.lock().unwrap();
-        let v = o.streams.drain().map(|(_, st)| st).collect();
+        let mut v: Vec<Arc<Stream>> = o.streams.drain().map(|(_, st)| st).collect();
+        v.append(&mut o.retiring);
         o.events.clear();
         o.modules.clear();
         o.functions.clear();
@@ -560,6 +567,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(c: *mut CUcontext, d: CUdevice
     entry("cuDevicePrimaryCtxRetain", || {
         let s = initialised()?;
         check_device(d)?;
+        let _life = s.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         *s.ctx_refs.lock().unwrap() += 1;
         *out(c, "context")? = CONTEXT as CUcontext;
         Ok(())
@@ -571,6 +579,7 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(d: CUdevice) -> CUresult {
     entry("cuDevicePrimaryCtxRelease_v2", || {
         let s = initialised()?;
         check_device(d)?;
+        let _life = s.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         let last = {
             let mut r = s.ctx_refs.lock().unwrap();
             if *r == 0 {
@@ -595,6 +604,7 @@ pub extern "C" fn cuDevicePrimaryCtxReset_v2(d: CUdevice) -> CUresult {
     entry("cuDevicePrimaryCtxReset_v2", || {
         let s = initialised()?;
         check_device(d)?;
+        let _life = s.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         reset(s);
         Ok(())
     })
@@ -1178,16 +1188,16 @@ pub extern "C" fn cuStreamDestroy_v2(h: CUstream) -> CUresult {
                 "the default stream cannot be destroyed",
             );
         }
-        let st = s
-            .objects
-            .lock()
-            .unwrap()
-            .streams
-            .remove(&handle_id(h))
-            .ok_or_else(|| Fail {
+        let st = {
+            let mut o = s.objects.lock().unwrap();
+            let st = o.streams.remove(&handle_id(h)).ok_or_else(|| Fail {
                 code: CUDA_ERROR_INVALID_HANDLE,
                 msg: format!("stream handle {h:p} is not a live stream (destroyed twice?)"),
             })?;
+            o.retiring.retain(|r| !r.is_done(r.submitted()));
+            o.retiring.push(Arc::clone(&st));
+            st
+        };
         // Work already queued still runs (cuStreamDestroy returns at once on a GPU too).
         std::thread::spawn(move || {
             st.wait_all();

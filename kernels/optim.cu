@@ -5,6 +5,10 @@
 //   also writes the updated weights rounded to fp16 (the copy the fp16 forward pass reads);
 // - pt_sgd_step / pt_sgd_momentum_step (+ _f16): torch.optim.SGD (L2 weight decay added to the
 //   gradient, optional momentum buffer);
+// - pt_adamw_step_clipped / pt_sgd_step_clipped / pt_sgd_momentum_step_clipped: the same updates
+//   with the clipping factor computed on the device from the gradient's sum of squares (and the
+//   step skipped when it is not finite), so a training step needs no host round trip;
+// - pt_axpy: y += alpha * x (gradient accumulation);
 // - pt_sum_squares_partial + pt_sum_squares_finish: deterministic two-stage sum of x^2 (fixed
 //   grid, fixed tree order: the same input always gives the same bits).
 // No fast-math: sqrtf and the division are IEEE-rounded, so the CPU f64 reference bounds the error.
@@ -53,7 +57,61 @@ __device__ __forceinline__ void sgd(const pt_sgd_params p, float *__restrict__ p
     }
 }
 
+// The gradient factor of a *_clipped kernel (kernels/abi/optim.h): false when the norm is not
+// finite (the step is skipped; every thread of the grid sees the same value).
+__device__ __forceinline__ bool clip_factor(const pt_clip_params c, const float *__restrict__ sum_sq,
+                                            float grad_scale, float *factor) {
+    const float norm = sqrtf(*sum_sq) * grad_scale;
+    // NaN fails the comparison too.
+    if (!(fabsf(norm) <= 3.402823466e+38f)) {
+        return false;
+    }
+    float coef = 1.0f;
+    if (c.max_norm > 0.0f) {
+        coef = fminf(1.0f, c.max_norm / (norm + 1e-6f));
+    }
+    *factor = grad_scale * coef;
+    return true;
+}
+
 }  // namespace
+
+extern "C" __global__ void pt_adamw_step_clipped(pt_adamw_params p, const pt_clip_params c,
+                                                 const float *__restrict__ sum_sq,
+                                                 float *__restrict__ param,
+                                                 const float *__restrict__ grad,
+                                                 float *__restrict__ m, float *__restrict__ v) {
+    if (clip_factor(c, sum_sq, p.grad_scale, &p.grad_scale)) {
+        adamw<false>(p, param, grad, m, v, nullptr);
+    }
+}
+
+extern "C" __global__ void pt_sgd_step_clipped(pt_sgd_params p, const pt_clip_params c,
+                                               const float *__restrict__ sum_sq,
+                                               float *__restrict__ param,
+                                               const float *__restrict__ grad) {
+    if (clip_factor(c, sum_sq, p.grad_scale, &p.grad_scale)) {
+        sgd<false, false>(p, param, grad, nullptr, nullptr);
+    }
+}
+
+extern "C" __global__ void pt_sgd_momentum_step_clipped(pt_sgd_params p, const pt_clip_params c,
+                                                        const float *__restrict__ sum_sq,
+                                                        float *__restrict__ param,
+                                                        const float *__restrict__ grad,
+                                                        float *__restrict__ buf) {
+    if (clip_factor(c, sum_sq, p.grad_scale, &p.grad_scale)) {
+        sgd<true, false>(p, param, grad, buf, nullptr);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PT_EW_THREADS)
+    pt_axpy(const pt_axpy_params p, const float *__restrict__ x, float *__restrict__ y) {
+    const int64_t stride = pt::grid_thread_count();
+    for (int64_t i = pt::global_thread_index(); i < p.n; i += stride) {
+        y[i] = fmaf(p.alpha, x[i], y[i]);
+    }
+}
 
 extern "C" __global__ void pt_adamw_step(const pt_adamw_params p, float *__restrict__ param,
                                          const float *__restrict__ grad, float *__restrict__ m,

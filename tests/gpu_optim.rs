@@ -1,6 +1,8 @@
 //! The optimizer kernels (`kernels/optim.cu`) on the GPU against `prefix_tune::optim` (the
 //! torch-exact CPU optimizers): several AdamW / SGD steps with global-norm clipping done the GPU
-//! way (sum-of-squares kernels, clipping factor folded into the kernels' `grad_scale`).
+//! way (sum-of-squares kernels, clipping factor folded into the kernels' `grad_scale`), and the
+//! `*_clipped` kernels of the device-resident training step, which compute that factor on the
+//! device from a loss-scaled gradient's sum of squares and skip the update when it is not finite.
 //!
 //! Runs on GPU 0 through `prefix_tune::cuda::host` / the GPU engine: a real card, or the
 //! simulated CUDA device (`scripts/sim`, which CI uses). Skips with a visible message without
@@ -9,7 +11,9 @@
 mod common;
 
 use half::f16;
-use prefix_tune::cuda::host::{adamw_step, sgd_step, sum_squares};
+use prefix_tune::cuda::host::{
+    adamw_step, adamw_step_clipped, axpy, sgd_step, sgd_step_clipped, sum_squares,
+};
 use prefix_tune::optim::{clip_grad_norm, AdamW, AdamWConfig, Sgd, SgdConfig};
 use prefix_tune::reference::real::rel_err;
 use rand::rngs::StdRng;
@@ -251,4 +255,181 @@ fn gpu_engine_updates_equal_the_cpu_optimizer() {
         assert!(!n.is_finite());
         assert!(p_dev == p_before && o_dev == o_before);
     }
+}
+
+/// The loss scale the `*_clipped` cases store their gradients at (the kernels unscale).
+const SCALE: f32 = 1024.0;
+
+/// `g` as stored at `SCALE`, and its sum of squares by the kernel.
+fn scaled(g: &[f32]) -> (Vec<f32>, f32) {
+    let stored: Vec<f32> = g.iter().map(|&x| x * SCALE).collect();
+    let mut sq = f32::NAN;
+    sum_squares(&stored, &mut sq, false).unwrap();
+    (stored, sq)
+}
+
+#[test]
+fn clipped_kernels_equal_the_cpu_optimizer() {
+    // The factor computed on the device (unscale, clip_grad_norm_'s min(1, max/(norm+1e-6)), or
+    // none at max 0) against the CPU clip on the true gradient; odd steps are clipped.
+    if !common::host_gpu_or_skip("clipped_kernels_equal_the_cpu_optimizer") {
+        return;
+    }
+    for (name, momentum, max_norm) in [
+        ("AdamW", None, MAX_NORM),
+        ("AdamW, no clip", None, 0.0),
+        ("SGD", Some(0.0), MAX_NORM),
+        ("SGD momentum", Some(0.9), MAX_NORM),
+    ] {
+        let mut rng = StdRng::seed_from_u64(53);
+        let mut p_cpu = randn(&mut rng, N, 1.0);
+        let p0 = p_cpu.clone();
+        let mut p_dev = p_cpu.clone();
+        let adamw_config = AdamWConfig {
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        };
+        let sgd_config = SgdConfig {
+            momentum: momentum.unwrap_or(0.0),
+            weight_decay: 0.01,
+        };
+        let mut adamw = AdamW::new(adamw_config, N);
+        let mut sgd = Sgd::new(sgd_config);
+        let (mut m, mut v) = (vec![0.0f32; N], vec![0.0f32; N]);
+        let mut buf = vec![f32::NAN; N]; // ignored on the first step
+        for s in 1..=STEPS {
+            let lr = 1e-2;
+            let g = grads(&mut rng, s);
+            let mut g_cpu = g.clone();
+            if max_norm > 0.0 {
+                clip_grad_norm(&mut [&mut g_cpu], max_norm);
+            }
+            let (stored, sq) = scaled(&g);
+            let unscale = 1.0 / SCALE;
+            match momentum {
+                None => {
+                    adamw.step(&mut p_cpu, &g_cpu, lr);
+                    adamw_step_clipped(
+                        &adamw_config,
+                        s,
+                        lr,
+                        unscale,
+                        max_norm,
+                        sq,
+                        &mut p_dev,
+                        &stored,
+                        &mut m,
+                        &mut v,
+                    )
+                    .unwrap();
+                    assert!(rel_err(&m, &adamw.m) <= 1e-6 && rel_err(&v, &adamw.v) <= 1e-6);
+                }
+                Some(mo) => {
+                    sgd.step(&mut p_cpu, &g_cpu, lr);
+                    let b = (mo != 0.0).then_some(&mut buf[..]);
+                    sgd_step_clipped(
+                        &sgd_config,
+                        s,
+                        lr,
+                        unscale,
+                        max_norm,
+                        sq,
+                        &mut p_dev,
+                        &stored,
+                        b,
+                    )
+                    .unwrap();
+                    if mo != 0.0 {
+                        assert!(rel_err(&buf, &sgd.buf) <= 1e-6, "{name} step {s}: momentum");
+                    }
+                }
+            }
+            let e = rel_err(&p_dev, &p_cpu);
+            assert!(e <= 1e-6, "{name} step {s}: params rel err {e}");
+        }
+        assert!(
+            rel_err(&p_cpu, &p0) > 1e-4,
+            "{name}: the steps must move the parameters"
+        );
+    }
+}
+
+#[test]
+fn clipped_kernels_skip_a_non_finite_norm() {
+    // An overflowed gradient (its sum of squares inf or NaN): parameters and moments untouched,
+    // bit for bit. The control (a finite sum) changes them, so the comparison can fail.
+    if !common::host_gpu_or_skip("clipped_kernels_skip_a_non_finite_norm") {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(54);
+    let config = AdamWConfig::default();
+    let sgd_config = SgdConfig {
+        momentum: 0.9,
+        weight_decay: 0.0,
+    };
+    let g = grads(&mut rng, 1);
+    let (stored, finite_sq) = scaled(&g);
+    for sq in [f32::INFINITY, f32::NAN, finite_sq] {
+        let skip = !sq.is_finite();
+        let p0 = randn(&mut rng, N, 1.0);
+        let m0 = randn(&mut rng, N, 0.1);
+        let v0: Vec<f32> = randn(&mut rng, N, 0.1).into_iter().map(f32::abs).collect();
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        adamw_step_clipped(
+            &config,
+            3,
+            1e-2,
+            1.0 / SCALE,
+            1.0,
+            sq,
+            &mut p,
+            &stored,
+            &mut m,
+            &mut v,
+        )
+        .unwrap();
+        let same = p == p0 && m == m0 && v == v0;
+        assert_eq!(
+            same, skip,
+            "AdamW at sum of squares {sq}: untouched = {same}"
+        );
+        let (mut p, mut b) = (p0.clone(), m0.clone());
+        sgd_step_clipped(
+            &sgd_config,
+            3,
+            1e-2,
+            1.0 / SCALE,
+            1.0,
+            sq,
+            &mut p,
+            &stored,
+            Some(&mut b),
+        )
+        .unwrap();
+        let same = p == p0 && b == m0;
+        assert_eq!(
+            same, skip,
+            "SGD momentum at sum of squares {sq}: untouched = {same}"
+        );
+    }
+}
+
+#[test]
+fn axpy_accumulates() {
+    if !common::host_gpu_or_skip("axpy_accumulates") {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(55);
+    let x = randn(&mut rng, N, 1.0);
+    let y0 = randn(&mut rng, N, 1.0);
+    let mut y = y0.clone();
+    axpy(0.37, &x, &mut y).unwrap();
+    let want: Vec<f32> = x
+        .iter()
+        .zip(&y0)
+        .map(|(&a, &b)| (0.37f64 * a as f64 + b as f64) as f32)
+        .collect();
+    let e = rel_err(&y, &want);
+    assert!(e <= 1e-6, "axpy rel err {e}");
+    assert!(rel_err(&y, &y0) > 1e-2, "axpy changed y");
 }

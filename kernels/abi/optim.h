@@ -55,4 +55,22 @@ typedef struct pt_reduce_params {
     int32_t accumulate;
 } pt_reduce_params;
 
+/* Clipping on the device (the *_clipped optimizer kernels), so that a training step needs no
+ * host round trip between its backward and its update: `sum_sq` (device memory, written by
+ * pt_sum_squares_*) is the sum of squares of the gradient as stored, which the kernel first
+ * multiplies by the params' grad_scale (1/loss_scale). Every thread computes
+ *   norm = sqrt(sum_sq) * grad_scale
+ * and, when norm is not finite (an fp16 overflow), leaves every buffer untouched (the step is
+ * skipped); otherwise the gradient factor is grad_scale * min(1, max_norm / (norm + 1e-6))
+ * (torch.nn.utils.clip_grad_norm_; max_norm 0: no clipping). */
+typedef struct pt_clip_params {
+    float max_norm;
+} pt_clip_params;
+
+/* y += alpha * x over n fp32 values (pt_axpy: gradient accumulation over micro-batches). */
+typedef struct pt_axpy_params {
+    int64_t n;
+    float alpha;
+} pt_axpy_params;
+
 #endif /* PT_ABI_OPTIM_H */

@@ -19,4 +19,6 @@ unsafe impl DeviceRepr for pt_convert_params {}
 unsafe impl DeviceRepr for pt_adamw_params {}
 unsafe impl DeviceRepr for pt_sgd_params {}
 unsafe impl DeviceRepr for pt_reduce_params {}
+unsafe impl DeviceRepr for pt_clip_params {}
+unsafe impl DeviceRepr for pt_axpy_params {}
 unsafe impl DeviceRepr for pt_attn_params {}

@@ -616,6 +616,111 @@ pub fn adamw_step(
     Ok(())
 }
 
+/// One AdamW update through `pt_adamw_step_clipped`: `sum_sq` is the gradient's sum of squares
+/// as stored (scaled by `1 / unscale²`), the clipping factor is the kernel's, and nothing is
+/// written when the norm is not finite.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_clipped(
+    config: &AdamWConfig,
+    step: u64,
+    lr: f64,
+    unscale: f32,
+    max_grad_norm: f64,
+    sum_sq: f32,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let n = param.len();
+    let be = device()?;
+    let g = &be.gpu;
+    let (mut dp, dg) = (up(g, "param", param)?, up(g, "grad", grad)?);
+    let (mut dm, mut dv) = (up(g, "m", m)?, up(g, "v", v)?);
+    let dsq = up(g, "sum_sq", &[sum_sq])?;
+    let clip = super::ops::DeviceClip {
+        sum_sq: &dsq.as_view(),
+        max_grad_norm,
+    };
+    super::ops::adamw_step_clipped(
+        g,
+        config,
+        step,
+        lr,
+        unscale,
+        &clip,
+        &mut dp.as_view_mut(),
+        &dg.as_view(),
+        &mut dm.as_view_mut(),
+        &mut dv.as_view_mut(),
+    )?;
+    param.copy_from_slice(&down(g, "param", &dp, n)?);
+    m.copy_from_slice(&down(g, "m", &dm, n)?);
+    v.copy_from_slice(&down(g, "v", &dv, n)?);
+    Ok(())
+}
+
+/// One SGD update through `pt_sgd_step_clipped` / `pt_sgd_momentum_step_clipped` (see
+/// [`adamw_step_clipped`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_step_clipped(
+    config: &SgdConfig,
+    step: u64,
+    lr: f64,
+    unscale: f32,
+    max_grad_norm: f64,
+    sum_sq: f32,
+    param: &mut [f32],
+    grad: &[f32],
+    momentum_buf: Option<&mut [f32]>,
+) -> Result<()> {
+    let n = param.len();
+    let be = device()?;
+    let g = &be.gpu;
+    let (mut dp, dg) = (up(g, "param", param)?, up(g, "grad", grad)?);
+    let mut db = momentum_buf
+        .as_ref()
+        .map(|b| up(g, "momentum", b))
+        .transpose()?;
+    let dsq = up(g, "sum_sq", &[sum_sq])?;
+    let clip = super::ops::DeviceClip {
+        sum_sq: &dsq.as_view(),
+        max_grad_norm,
+    };
+    let mut bv = db.as_mut().map(|b| b.as_view_mut());
+    super::ops::sgd_step_clipped(
+        g,
+        config,
+        step,
+        lr,
+        unscale,
+        &clip,
+        &mut dp.as_view_mut(),
+        &dg.as_view(),
+        bv.as_mut(),
+    )?;
+    param.copy_from_slice(&down(g, "param", &dp, n)?);
+    if let (Some(b), Some(d)) = (momentum_buf, db) {
+        b.copy_from_slice(&down(g, "momentum", &d, n)?);
+    }
+    Ok(())
+}
+
+/// `y += alpha · x` through `pt_axpy`.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> Result<()> {
+    let be = device()?;
+    let g = &be.gpu;
+    let (dx, mut dy) = (up(g, "x", x)?, up(g, "y", y)?);
+    super::ops::axpy(
+        g,
+        alpha,
+        &dx.slice(0..x.len()),
+        &mut dy.slice_mut(0..y.len()),
+    )?;
+    y.copy_from_slice(&down(g, "y", &dy, y.len())?);
+    Ok(())
+}
+
 /// One SGD update through the SGD kernels (momentum ones with `momentum_buf`).
 #[allow(clippy::too_many_arguments)]
 pub fn sgd_step(

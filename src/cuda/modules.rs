@@ -69,6 +69,12 @@ mod tests {
         let heads = params::<pt_heads_params>();
         let rows = params::<pt_rows_params>();
         let attn = params::<pt_attn_params>();
+        // (params, clip params, then pointers: the sum of squares first)
+        let clipped = |first: Arg, n: usize| {
+            let mut v = vec![first, params::<pt_clip_params>()];
+            v.extend(std::iter::repeat(Arg::Ptr).take(n));
+            v
+        };
         let ints = |n: usize, p: usize| {
             let mut v = vec![Arg::I32; n];
             v.extend(std::iter::repeat(Arg::Ptr).take(p));
@@ -87,6 +93,10 @@ mod tests {
             ("optim", "pt_sgd_momentum_step_f16", ptrs(sgd, 4)),
             ("optim", "pt_sum_squares_partial", ptrs(red, 2)),
             ("optim", "pt_sum_squares_finish", ptrs(red, 2)),
+            ("optim", "pt_adamw_step_clipped", clipped(adamw, 5)),
+            ("optim", "pt_sgd_step_clipped", clipped(sgd, 3)),
+            ("optim", "pt_sgd_momentum_step_clipped", clipped(sgd, 4)),
+            ("optim", "pt_axpy", ptrs(params::<pt_axpy_params>(), 2)),
             // src/cuda/model_ops.rs
             (
                 "embedding",

@@ -9,8 +9,8 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::abi::{
-    pt_adamw_params, pt_convert_params, pt_reduce_params, pt_sgd_params, PT_REDUCE_MAX_BLOCKS,
-    PT_REDUCE_SMEM, PT_REDUCE_THREADS,
+    pt_adamw_params, pt_axpy_params, pt_clip_params, pt_convert_params, pt_reduce_params,
+    pt_sgd_params, PT_REDUCE_MAX_BLOCKS, PT_REDUCE_SMEM, PT_REDUCE_THREADS,
 };
 use super::context::{launched, GpuContext};
 use crate::optim::{AdamWConfig, SgdConfig};
@@ -223,6 +223,155 @@ pub fn sgd_step(
     launched(name, unsafe { b.launch(cfg) })
 }
 
+/// The clipping of a `*_clipped` optimizer kernel: the gradient's sum of squares `sum_sq[0]`
+/// as stored (loss-scaled) on the device, and `max_grad_norm` (0: off). The kernel unscales by
+/// the update's `grad_scale`, clips like `clip_grad_norm_` and skips the update when the norm
+/// is not finite (kernels/abi/optim.h).
+pub struct DeviceClip<'a, 'b> {
+    pub sum_sq: &'a CudaView<'b, f32>,
+    pub max_grad_norm: f64,
+}
+
+fn clip_params(clip: &DeviceClip<'_, '_>) -> Result<pt_clip_params> {
+    if clip.sum_sq.is_empty() {
+        bail!("device clipping: the sum-of-squares buffer is empty");
+    }
+    if clip.max_grad_norm.is_nan() || clip.max_grad_norm < 0.0 {
+        bail!(
+            "device clipping: max_grad_norm {} is not a norm (0: off)",
+            clip.max_grad_norm
+        );
+    }
+    Ok(pt_clip_params {
+        max_norm: clip.max_grad_norm as f32,
+    })
+}
+
+/// [`adamw_step`] with the clipping factor computed on the device ([`DeviceClip`]): nothing is
+/// written when the gradient norm is not finite.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_clipped(
+    gpu: &GpuContext,
+    config: &AdamWConfig,
+    step: u64,
+    lr: f64,
+    unscale: f32,
+    clip: &DeviceClip<'_, '_>,
+    param: &mut CudaViewMut<'_, f32>,
+    grad: &CudaView<'_, f32>,
+    m: &mut CudaViewMut<'_, f32>,
+    v: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let n = param.len();
+    check_len("adamw_step_clipped grad", n, grad.len())?;
+    check_len("adamw_step_clipped m", n, m.len())?;
+    check_len("adamw_step_clipped v", n, v.len())?;
+    let p = adamw_params(config, step, lr, unscale, n)?;
+    let c = clip_params(clip)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "pt_adamw_step_clipped";
+    let f = gpu.function("optim", name)?;
+    let cfg = grid_stride(gpu, n);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&p)
+        .arg(&c)
+        .arg(clip.sum_sq)
+        .arg(param)
+        .arg(grad)
+        .arg(m)
+        .arg(v);
+    // SAFETY: every buffer holds p.n elements of the type the kernel expects; sum_sq holds one.
+    launched(name, unsafe { b.launch(cfg) })
+}
+
+/// [`sgd_step`] with the clipping factor computed on the device ([`DeviceClip`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_step_clipped(
+    gpu: &GpuContext,
+    config: &SgdConfig,
+    step: u64,
+    lr: f64,
+    unscale: f32,
+    clip: &DeviceClip<'_, '_>,
+    param: &mut CudaViewMut<'_, f32>,
+    grad: &CudaView<'_, f32>,
+    momentum_buf: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    if step == 0 {
+        bail!("SGD step numbers start at 1");
+    }
+    let n = param.len();
+    check_len("sgd_step_clipped grad", n, grad.len())?;
+    let use_momentum = config.momentum != 0.0;
+    match (&momentum_buf, use_momentum) {
+        (Some(b), true) => check_len("sgd_step_clipped momentum buffer", n, b.len())?,
+        (None, true) => bail!(
+            "sgd_step_clipped: momentum {} needs a momentum buffer",
+            config.momentum
+        ),
+        _ => {}
+    }
+    let c = clip_params(clip)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = pt_sgd_params {
+        n: n as i64,
+        lr: lr as f32,
+        weight_decay: config.weight_decay as f32,
+        grad_scale: unscale,
+        momentum: config.momentum as f32,
+        first_step: (step == 1) as i32,
+    };
+    let name = if use_momentum {
+        "pt_sgd_momentum_step_clipped"
+    } else {
+        "pt_sgd_step_clipped"
+    };
+    let f = gpu.function("optim", name)?;
+    let cfg = grid_stride(gpu, n);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&p).arg(&c).arg(clip.sum_sq).arg(param).arg(grad);
+    if use_momentum {
+        if let Some(buf) = momentum_buf {
+            b.arg(buf);
+        }
+    }
+    // SAFETY: every buffer holds p.n elements of the type the kernel expects; sum_sq holds one.
+    launched(name, unsafe { b.launch(cfg) })
+}
+
+/// `y += alpha · x` over fp32 buffers of one length.
+pub fn axpy(
+    gpu: &GpuContext,
+    alpha: f32,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    check_len("axpy output", x.len(), y.len())?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let p = pt_axpy_params {
+        n: x.len() as i64,
+        alpha,
+    };
+    let f = gpu.function("optim", "pt_axpy")?;
+    let cfg = grid_stride(gpu, x.len());
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&p).arg(x).arg(y);
+    // SAFETY: the kernel reads and writes p.n floats of x and y; both hold p.n.
+    launched("pt_axpy", unsafe { b.launch(cfg) })
+}
+
+/// Reduction partials [`sum_squares_with`] needs for `n` inputs.
+pub fn sum_squares_partials(n: usize) -> usize {
+    n.div_ceil(PT_REDUCE_THREADS as usize)
+        .clamp(1, PT_REDUCE_MAX_BLOCKS as usize)
+}
+
 /// `out[0] = Σ x²` (or `out[0] += Σ x²` with `accumulate`), fp32, deterministic (fixed grid and
 /// reduction order). Several calls with `accumulate` give the squared global norm of many tensors.
 pub fn sum_squares(
@@ -231,17 +380,33 @@ pub fn sum_squares(
     out: &mut CudaViewMut<'_, f32>,
     accumulate: bool,
 ) -> Result<()> {
+    let blocks = sum_squares_partials(x.len());
+    // SAFETY: stage 1 writes every one of the `blocks` partials before stage 2 reads them.
+    let mut partials = unsafe { gpu.stream().alloc::<f32>(blocks) }
+        .map_err(|e| anyhow!("allocating {blocks} reduction partials: {e:?}"))?;
+    sum_squares_with(gpu, x, &mut partials.as_view_mut(), out, accumulate)
+}
+
+/// [`sum_squares`] with its partials in `partials` (at least [`sum_squares_partials`]`(x.len())`
+/// elements), so that nothing is allocated.
+pub fn sum_squares_with(
+    gpu: &GpuContext,
+    x: &CudaView<'_, f32>,
+    partials: &mut CudaViewMut<'_, f32>,
+    out: &mut CudaViewMut<'_, f32>,
+    accumulate: bool,
+) -> Result<()> {
     if out.is_empty() {
         bail!("sum_squares: the output buffer is empty");
     }
-    let blocks = x
-        .len()
-        .div_ceil(PT_REDUCE_THREADS as usize)
-        .clamp(1, PT_REDUCE_MAX_BLOCKS as usize);
+    let blocks = sum_squares_partials(x.len());
+    if partials.len() < blocks {
+        bail!(
+            "sum_squares: {} partials for {blocks} blocks",
+            partials.len()
+        );
+    }
     let stream = gpu.stream();
-    // SAFETY: stage 1 writes every one of the `blocks` partials before stage 2 reads them.
-    let mut partials = unsafe { stream.alloc::<f32>(blocks) }
-        .map_err(|e| anyhow!("allocating {blocks} reduction partials: {e:?}"))?;
     let stage1 = gpu.function("optim", "pt_sum_squares_partial")?;
     let stage2 = gpu.function("optim", "pt_sum_squares_finish")?;
     let p1 = pt_reduce_params {
@@ -263,11 +428,12 @@ pub fn sum_squares(
         shared_mem_bytes: PT_REDUCE_SMEM,
     };
     let mut b1 = stream.launch_builder(&stage1);
-    b1.arg(&p1).arg(x).arg(&mut partials);
-    // SAFETY: reads p1.n floats of x, writes `blocks` partials (grid size).
+    b1.arg(&p1).arg(x).arg(&mut *partials);
+    // SAFETY: reads p1.n floats of x, writes `blocks` partials (grid size; partials holds them).
     launched("pt_sum_squares_partial", unsafe { b1.launch(cfg1) })?;
     let mut b2 = stream.launch_builder(&stage2);
-    b2.arg(&p2).arg(&partials).arg(out);
+    // (stage 2 only reads the partials)
+    b2.arg(&p2).arg(&mut *partials).arg(out);
     // SAFETY: reads p2.n = blocks partials, writes out[0] (out is non-empty).
     launched("pt_sum_squares_finish", unsafe { b2.launch(cfg2) })
 }

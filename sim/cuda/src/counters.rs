@@ -1,7 +1,7 @@
 //! Exact counts of what a program asked the device to do: kernel launches (cuBLAS calls counted
 //! apart), host↔device copies (count and bytes), memsets, host synchronisations (explicit stream,
-//! context and event waits, and the copies that block the host: synchronous copies and
-//! device→pageable-host copies), allocations, peak device memory, shared-memory opt-ins and
+//! context and event waits — a wait on an event never recorded, which returns at once, is not
+//! one — and the copies that block the host: synchronous copies and device→pageable-host copies), allocations, peak device memory, shared-memory opt-ins and
 //! function lookups. `ptsim_counters` hands them out by name, so a program linked against a real
 //! driver (which lacks the symbol) simply has none.
 

@@ -1338,7 +1338,11 @@ pub extern "C" fn cuEventSynchronize(e: CUevent) -> CUresult {
     entry("cuEventSynchronize", || {
         let s = ctx()?;
         let ev = event(s, e)?;
-        Counters::add(&s.counters.host_syncs, 1);
+        // An event never recorded returns at once (the driver's rule): no wait to count.
+        // cudarc waits on a pinned buffer's event at every access, recorded or not.
+        if ev.state.lock().unwrap().stream.is_some() {
+            Counters::add(&s.counters.host_syncs, 1);
+        }
         ev.wait();
         ctx().map(|_| ())
     })

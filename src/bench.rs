@@ -21,7 +21,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use half::f16;
@@ -666,14 +666,15 @@ pub fn bench_train_steps(
     steps: usize,
 ) -> Result<TrainTiming> {
     let opts = RunOptions::default();
-    let mut st = StepState::new(prefix);
+    let mut st = StepState::new(engine, prefix)?;
     for _ in 0..warmup {
-        st.step(engine, prefix, batch)?;
+        st.step(engine, batch)?;
     }
     let mut times = (0..steps.max(1))
-        .map(|_| st.step(engine, prefix, batch).map(|d| d.as_secs_f64()))
+        .map(|_| st.step(engine, batch).map(|d| d.as_secs_f64()))
         .collect::<Result<Vec<f64>>>()?;
     let step_s = median(&mut times);
+    *prefix = st.prefix(engine)?;
     let mut fwd = (0..steps.max(1))
         .map(|_| {
             let t0 = Instant::now();
@@ -689,68 +690,68 @@ pub fn bench_train_steps(
     })
 }
 
-/// One timed training step of the benchmark: loss and prefix gradient, then the AdamW update on
-/// the engine's device (no clipping).
+/// One timed training step of the benchmark: the engine's [`Engine::train_step`] of one
+/// micro-batch with AdamW (lr 1e-3, no clipping), the training state where the engine keeps it
+/// (the GPU engine: on the device), as `train` runs it.
 pub struct StepState {
-    opt: Optimizer,
-    flat: Vec<f32>,
-    grad_flat: Vec<f32>,
+    state: Box<dyn crate::engine::TrainingState>,
     pub last_loss: f32,
     pub overflow_skips: u64,
 }
 
 impl StepState {
-    pub fn new(prefix: &PrefixBank<f32>) -> Self {
-        let n: usize = prefix.k.iter().chain(&prefix.v).map(Vec::len).sum();
-        StepState {
-            opt: Optimizer::AdamW(AdamW::new(AdamWConfig::default(), n)),
-            flat: Vec::with_capacity(n),
-            grad_flat: Vec::with_capacity(n),
+    pub fn new(engine: &mut dyn Engine, prefix: &PrefixBank<f32>) -> Result<Self> {
+        let n = prefix.n_params();
+        let opt = Optimizer::AdamW(AdamW::new(AdamWConfig::default(), n));
+        let state = engine.begin_training(crate::prefix::Trainable::Bank(prefix.clone()), opt)?;
+        Ok(StepState {
+            state,
             last_loss: f32::NAN,
             overflow_skips: 0,
-        }
+        })
     }
 
-    pub fn step(
-        &mut self,
-        engine: &mut dyn Engine,
-        prefix: &mut PrefixBank<f32>,
-        batch: &Batch,
-    ) -> Result<Duration> {
+    pub fn step(&mut self, engine: &mut dyn Engine, batch: &Batch) -> Result<Duration> {
+        use crate::engine::{StepOutcome, StepRequest};
         let t0 = Instant::now();
-        let (loss, grad) = match engine.loss_and_grad(prefix, batch, &RunOptions::default()) {
-            Ok(r) => r,
-            Err(e) => {
-                let o = e.downcast::<crate::engine::GradOverflow>()?;
-                self.overflow_skips += 1;
-                self.last_loss = o.loss.mean_loss;
-                return Ok(t0.elapsed());
-            }
-        };
-        self.flat.clear();
-        self.grad_flat.clear();
-        for l in prefix.k.iter().chain(&prefix.v) {
-            self.flat.extend_from_slice(l);
-        }
-        for l in grad.k.iter().chain(&grad.v) {
-            self.grad_flat.extend_from_slice(l);
-        }
-        // On the engine's device (the GPU engine's optimizer kernels), no clipping.
-        engine.apply_update(
-            &mut self.flat,
-            &mut self.grad_flat,
-            &mut self.opt,
-            1e-3,
-            0.0,
+        let n_targets: usize = batch.n_targets().iter().sum();
+        let outcome = engine.train_step(
+            &mut *self.state,
+            &StepRequest {
+                micro: std::slice::from_ref(batch),
+                n_targets,
+                opts: &RunOptions::default(),
+                lr: 1e-3,
+                max_grad_norm: 0.0,
+            },
         )?;
-        let mut at = 0;
-        for l in prefix.k.iter_mut().chain(prefix.v.iter_mut()) {
-            let len = l.len();
-            l.copy_from_slice(&self.flat[at..at + len]);
-            at += len;
+        let elapsed = t0.elapsed();
+        match outcome {
+            StepOutcome::Updated { loss_sum, .. } => {
+                self.last_loss = (loss_sum / n_targets.max(1) as f64) as f32
+            }
+            StepOutcome::Skipped {
+                loss_sum,
+                n_targets,
+                ..
+            } => {
+                self.overflow_skips += 1;
+                self.last_loss = (loss_sum / n_targets.max(1) as f64) as f32;
+            }
+            StepOutcome::NotFinite {
+                loss_sum,
+                grad_norm,
+            } => {
+                bail!("benchmark step: not finite (loss sum {loss_sum}, gradient norm {grad_norm})")
+            }
+            StepOutcome::DivergedUpdate => bail!("benchmark step: the update diverged"),
         }
-        self.last_loss = loss.mean_loss;
-        Ok(t0.elapsed())
+        Ok(elapsed)
+    }
+
+    /// The prefix as of the last step (read back from the engine).
+    pub fn prefix(&mut self, engine: &mut dyn Engine) -> Result<PrefixBank<f32>> {
+        engine.training_prefix(&mut *self.state)
     }
 }
 
@@ -779,12 +780,13 @@ pub fn sim_step_counts(
     let Some(_) = SimCounts::now() else {
         return Ok(None);
     };
-    let mut st = StepState::new(prefix);
-    st.step(engine, prefix, batch)?; // warm: workspaces sized
+    let mut st = StepState::new(engine, prefix)?;
+    st.step(engine, batch)?; // warm: workspaces sized
     reset_simulator_peak();
     let c0 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
-    st.step(engine, prefix, batch)?;
+    st.step(engine, batch)?;
     let c1 = SimCounts::now().unwrap_or(SimCounts(Vec::new()));
+    *prefix = st.prefix(engine)?;
     let take = prompt.clamp(1, batch.seq.max(1));
     let rows: Vec<Vec<u32>> = (0..batch.batch)
         .map(|b| batch.tokens[b * batch.seq..b * batch.seq + take].to_vec())

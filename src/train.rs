@@ -34,11 +34,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{save_checkpoint, CheckpointParts};
 use crate::data::{make_batch, Encoded};
-use crate::engine::{Engine, GradOverflow};
+use crate::engine::{Engine, StepOutcome, StepRequest};
 use crate::optim::{AdamW, AdamWConfig, Optimizer, Schedule, Sgd, SgdConfig};
-use crate::prefix::peft::{from_peft, to_peft};
 use crate::prefix::{save_prefix, PrefixBank, PrefixMeta, Reparam};
 use crate::reference::model::RunOptions;
+use crate::types::Batch;
 
 /// Which optimizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -145,51 +145,7 @@ impl TrainConfig {
     }
 }
 
-/// What is trained: the prefix itself, or Li & Liang's reparameterization of it.
-#[derive(Clone, Debug)]
-pub enum Trainable {
-    Bank(PrefixBank<f32>),
-    Reparam(Reparam<f32>),
-}
-
-impl Trainable {
-    /// The flat parameter vector (optimizer order).
-    pub fn to_flat(&self) -> Vec<f32> {
-        match self {
-            Trainable::Bank(b) => b.to_flat(),
-            Trainable::Reparam(r) => r.to_flat(),
-        }
-    }
-    pub fn copy_from_flat(&mut self, flat: &[f32]) {
-        match self {
-            Trainable::Bank(b) => b.copy_from_flat(flat),
-            Trainable::Reparam(r) => r.copy_from_flat(flat),
-        }
-    }
-    pub fn n_params(&self) -> usize {
-        match self {
-            Trainable::Bank(b) => b.n_params(),
-            Trainable::Reparam(r) => r.n_params(),
-        }
-    }
-    /// The prefix the model sees (the reparameterization's output).
-    pub fn prefix(&self) -> PrefixBank<f32> {
-        match self {
-            Trainable::Bank(b) => b.clone(),
-            Trainable::Reparam(r) => r.fold(),
-        }
-    }
-    /// [`Trainable::prefix`] with the reparameterization run on `engine`'s device.
-    pub fn prefix_on(&self, engine: &mut dyn Engine) -> Result<PrefixBank<f32>> {
-        match self {
-            Trainable::Bank(b) => Ok(b.clone()),
-            Trainable::Reparam(r) => {
-                let (peft, _) = engine.reparam_forward(r)?;
-                Ok(from_peft(&peft, r.n_layers, r.kv_heads, r.head_dim))
-            }
-        }
-    }
-}
+pub use crate::prefix::Trainable;
 
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -470,7 +426,7 @@ impl MetricsFile {
 pub fn train(
     engine: &mut dyn Engine,
     config: &TrainConfig,
-    mut trainable: Trainable,
+    trainable: Trainable,
     resume: Option<(LoopState, Optimizer)>,
     train: &[Encoded],
     eval: &[Encoded],
@@ -481,7 +437,7 @@ pub fn train(
         bail!("no training examples");
     }
     let n_params = trainable.n_params();
-    let (mut st, mut optimizer) = match resume {
+    let (mut st, optimizer) = match resume {
         Some((s, o)) => {
             o.check_len(n_params)?;
             if let Some(scale) = s.loss_scale {
@@ -524,7 +480,9 @@ pub fn train(
     };
 
     let mut order = epoch_order(st.rng_seed, st.epoch, train.len());
-    let mut prefix = trainable.prefix_on(engine)?;
+    // The engine keeps the training state from here on (the GPU engine: on the device).
+    let mut state = engine.begin_training(trainable, optimizer)?;
+    let mut prefix = engine.training_prefix(&mut *state)?;
     let per_step = config.batch_size * config.grad_accum;
     let mut steps_this_run = 0u64;
 
@@ -579,78 +537,89 @@ pub fn train(
             picked.push(&train[order[st.offset]]);
             st.offset += 1;
         }
-        // Forward/backward per micro-batch, weighting by target tokens.
-        let mut loss_sum = 0.0f64;
-        let mut n_targets = 0usize;
-        let mut micro: Vec<(Vec<f32>, usize)> = Vec::new();
-        let mut step_tokens = 0u64;
-        // Set when the engine's fp16 gradient overflowed: the step is skipped.
-        let mut overflow: Option<GradOverflow> = None;
+        // The step's micro-batches; those without a target token are skipped (and counted).
+        // (tokens, target tokens) of every chunk; `micro` holds those with targets, `kept` their
+        // chunk numbers.
+        let mut chunks: Vec<(u64, usize)> = Vec::new();
+        let (mut micro, mut kept): (Vec<Batch>, Vec<usize>) = (Vec::new(), Vec::new());
         for chunk in picked.chunks(config.batch_size) {
             let batch = make_batch(chunk, setup.pad_id);
-            step_tokens += batch.valid_len.iter().sum::<usize>() as u64;
+            let tokens = batch.valid_len.iter().sum::<usize>() as u64;
             let n: usize = batch.n_targets().iter().sum();
-            if n == 0 {
-                st.skipped += 1;
-                continue;
+            if n > 0 {
+                kept.push(chunks.len());
+                micro.push(batch);
             }
-            let (out, grad) = match engine.loss_and_grad(&prefix, &batch, &setup.run) {
-                Ok(r) => r,
-                Err(e) => match e.downcast::<GradOverflow>() {
-                    // The loss is good, the scaled gradient is not: the rest of the step is
-                    // skipped (its examples stay consumed, so the data order is unchanged).
-                    Ok(o) => {
-                        loss_sum += o.loss.loss_sum.iter().map(|&x| x as f64).sum::<f64>();
-                        n_targets += n;
-                        overflow = Some(o);
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                },
-            };
-            loss_sum += out.loss_sum.iter().map(|&x| x as f64).sum::<f64>();
-            n_targets += n;
-            micro.push((grad_to_params(engine, &trainable, &grad)?, n));
+            chunks.push((tokens, n));
         }
-        st.tokens_seen += step_tokens;
-        if n_targets == 0 {
+        let step_targets: usize = chunks.iter().map(|c| c.1).sum();
+        if step_targets == 0 {
+            st.skipped += chunks.len() as u64;
+            st.tokens_seen += chunks.iter().map(|c| c.0).sum::<u64>();
             st.step += 1;
             continue;
         }
-        let loss = loss_sum / n_targets as f64;
         let lr = schedule.lr(config.lr, st.step);
-        let norm = if overflow.is_some() && loss.is_finite() {
-            None // a skipped step: no update
-        } else {
-            let mut params = trainable.to_flat();
-            // Clipping and the optimizer step, on the engine's device (nothing is updated when
-            // the loss or the gradient norm is not finite).
-            let norm = if loss.is_finite() {
-                let mut grad = accumulate(micro, n_targets);
-                engine.apply_update(
-                    &mut params,
-                    &mut grad,
-                    &mut optimizer,
-                    lr,
-                    config.max_grad_norm,
-                )?
-            } else {
-                f64::NAN
-            };
-            if !loss.is_finite() || !norm.is_finite() {
+        let outcome = engine.train_step(
+            &mut *state,
+            &StepRequest {
+                micro: &micro,
+                n_targets: step_targets,
+                opts: &setup.run,
+                lr,
+                max_grad_norm: config.max_grad_norm,
+            },
+        )?;
+        // The chunks the step went through: all, unless an fp16 overflow stopped it early.
+        let chunks_run = match &outcome {
+            StepOutcome::Skipped {
+                micro_batches_run, ..
+            } => kept[micro_batches_run - 1] + 1,
+            _ => chunks.len(),
+        };
+        let step_tokens: u64 = chunks[..chunks_run].iter().map(|c| c.0).sum();
+        st.tokens_seen += step_tokens;
+        st.skipped += chunks[..chunks_run].iter().filter(|c| c.1 == 0).count() as u64;
+        let (loss, n_targets, norm, overflow) = match outcome {
+            StepOutcome::Updated {
+                loss_sum,
+                n_targets,
+                grad_norm,
+            } => (
+                loss_sum / n_targets as f64,
+                n_targets,
+                Some(grad_norm),
+                None,
+            ),
+            StepOutcome::Skipped {
+                loss_sum,
+                n_targets,
+                new_scale,
+                ..
+            } => (
+                loss_sum / n_targets as f64,
+                n_targets,
+                None,
+                Some(new_scale),
+            ),
+            StepOutcome::NotFinite {
+                loss_sum,
+                grad_norm,
+            } => {
                 if let Some(b) = &bar {
                     b.abandon();
                 }
+                let loss = loss_sum / step_targets as f64;
                 bail!(
                     "training stopped at step {}: the {} is not finite ({}); the prefix was not updated. \
                      The last good checkpoint (if any) is kept in {}; try a smaller --lr or --max-grad-norm",
                     st.step + 1,
                     if !loss.is_finite() { "loss" } else { "gradient norm" },
-                    if !loss.is_finite() { loss } else { norm },
+                    if !loss.is_finite() { loss } else { grad_norm },
                     out.join(crate::checkpoint::CHECKPOINT_DIR).display()
                 );
             }
-            if params.iter().any(|x| !x.is_finite()) {
+            StepOutcome::DivergedUpdate => {
                 if let Some(b) = &bar {
                     b.abandon();
                 }
@@ -661,19 +630,15 @@ pub fn train(
                     out.join(crate::checkpoint::CHECKPOINT_DIR).display()
                 );
             }
-            trainable.copy_from_flat(&params);
-            prefix = trainable.prefix_on(engine)?;
-            Some(norm)
         };
-        if let Some(o) = &overflow {
+        if let Some(new_scale) = overflow {
             st.overflow_skipped += 1;
             say(
                 &bar,
                 format!(
-                    "step {}/{} skipped: fp16 overflow, loss scale now {}",
+                    "step {}/{} skipped: fp16 overflow, loss scale now {new_scale}",
                     st.step + 1,
                     config.steps,
-                    o.new_scale
                 ),
             );
         }
@@ -700,6 +665,7 @@ pub fn train(
         let want_eval = !eval.is_empty()
             && (last || (config.eval_every > 0 && st.step % config.eval_every == 0));
         if want_eval {
+            prefix = engine.training_prefix(&mut *state)?;
             let (e, _) = evaluate(
                 engine,
                 Some(&prefix),
@@ -759,6 +725,10 @@ pub fn train(
         let save_now =
             last || stop_now || (config.save_every > 0 && st.step % config.save_every == 0);
         if save_now {
+            let (trainable, optimizer) = engine.training_snapshot(&mut *state)?;
+            if !want_eval {
+                prefix = engine.training_prefix(&mut *state)?;
+            }
             let params = trainable.to_flat();
             let reparam = match &trainable {
                 Trainable::Reparam(r) => Some(r),
@@ -786,6 +756,7 @@ pub fn train(
     }
 
     let mut final_prefix_path = None;
+    prefix = engine.training_prefix(&mut *state)?;
     if !stopped_early {
         let path = out.join("prefix.safetensors");
         save_prefix(&path, &prefix, &setup.meta)?;
@@ -800,23 +771,6 @@ pub fn train(
     })
 }
 
-/// A step's gradient from its micro-batches' (each of its own mean, with its target count):
-/// weighted by their shares of the `n_targets` target tokens.
-fn accumulate(mut micro: Vec<(Vec<f32>, usize)>, n_targets: usize) -> Vec<f32> {
-    if micro.len() == 1 {
-        return micro.pop().expect("one micro-batch").0;
-    }
-    let mut acc: Option<Vec<f32>> = None;
-    for (g, n) in micro {
-        let w = n as f32 / n_targets as f32;
-        match &mut acc {
-            None => acc = Some(g.iter().map(|x| x * w).collect()),
-            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += x * w),
-        }
-    }
-    acc.expect("at least one micro-batch")
-}
-
 /// The training args JSON with the best step and eval loss added.
 fn best_args(args: &str, step: u64, eval: f64) -> String {
     let mut v: serde_json::Value = serde_json::from_str(args).unwrap_or(serde_json::json!({}));
@@ -825,23 +779,6 @@ fn best_args(args: &str, step: u64, eval: f64) -> String {
         m.insert("best_eval_loss".into(), serde_json::json!(eval));
     }
     v.to_string()
-}
-
-/// The gradient with respect to the trainable parameters, flat (the reparameterization's
-/// backward on `engine`'s device).
-fn grad_to_params(
-    engine: &mut dyn Engine,
-    t: &Trainable,
-    grad_bank: &PrefixBank<f32>,
-) -> Result<Vec<f32>> {
-    match t {
-        Trainable::Bank(_) => Ok(grad_bank.to_flat()),
-        Trainable::Reparam(r) => {
-            let (_, cache) = engine.reparam_forward(r)?;
-            let d_peft = to_peft(grad_bank, 0);
-            Ok(engine.reparam_backward(r, &cache, &d_peft)?.to_flat())
-        }
-    }
 }
 
 fn make_bar(progress: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {

@@ -13,78 +13,19 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::host_gpu_or_skip;
+use common::tiny::{cosine, f64s, setup};
 use prefix_tune::cuda::engine::CudaEngine;
 use prefix_tune::engine::{CpuEngine, Engine, GradOverflow};
-use prefix_tune::model::config::{Arch, ModelConfig, ModelWeights};
+use prefix_tune::model::config::Arch;
 use prefix_tune::prefix::PrefixBank;
 use prefix_tune::reference::model::{Batch, Positions, RunOptions};
 use prefix_tune::reference::real::rel_err;
-use prefix_tune::reference::testing::{random_bank, random_batch, random_model, tiny_config};
+use prefix_tune::reference::testing::random_batch;
 
 const LOSS_TOL: f64 = 1e-2;
 const GRAD_REL_TOL: f64 = 2e-2;
 const GRAD_COS_MIN: f64 = 0.999;
-
-fn round16(v: &mut [f32]) {
-    v.iter_mut()
-        .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
-}
-
-fn config(arch: Arch) -> ModelConfig {
-    let mut cfg = tiny_config(arch, arch == Arch::Gpt2);
-    cfg.head_dim = 64;
-    cfg.d_model = 96;
-    cfg.vocab_size = 83;
-    match arch {
-        Arch::Gpt2 => {
-            cfg.n_heads = 2;
-            cfg.n_kv_heads = 2;
-            cfg.d_ff = 160;
-            cfg.max_positions = 48;
-            cfg.bos_token_id = Some(82);
-            cfg.eos_token_ids = vec![82];
-        }
-        Arch::Llama => {
-            cfg.n_heads = 4; // q_dim 256 != d_model 96
-            cfg.n_kv_heads = 2;
-            cfg.d_ff = 112;
-        }
-    }
-    cfg
-}
-
-struct Setup {
-    weights: Arc<ModelWeights<f32>>,
-    bank: PrefixBank<f32>,
-}
-
-fn setup(arch: Arch, seed: u64) -> Setup {
-    let cfg = config(arch);
-    let weights = Arc::new(
-        random_model(&cfg, 0.08, seed)
-            .cast::<f32>()
-            .rounded_to_f16(),
-    );
-    let mut bank = random_bank(&cfg, 2, 5, 0.5, seed + 1).cast::<f32>();
-    for v in bank.k.iter_mut().chain(bank.v.iter_mut()) {
-        round16(v);
-    }
-    Setup { weights, bank }
-}
-
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (na * nb).max(f64::MIN_POSITIVE)
-}
-
-fn f64s(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
 
 /// Emulated engine vs CPU reference on one batch; returns the worst error.
 fn compare(

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use half::f16;
 
 use super::abi::{
@@ -76,6 +76,8 @@ pub struct AttnGradBufs<'a, B: Backend + ?Sized> {
 #[allow(clippy::too_many_arguments)]
 pub trait Backend {
     type Buf<T: Elem>;
+    /// Page-locked host memory (the target of an asynchronous read).
+    type Pinned<T: Elem>;
     /// Attention backward scratch and gradient buffers.
     type AttnScratch;
 
@@ -89,6 +91,17 @@ pub trait Backend {
     fn write<T: Elem>(&self, what: &str, src: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
     /// Elements `range` of `src` to the host (waits for the device).
     fn read<T: Elem>(&self, what: &str, src: &Self::Buf<T>, range: Range<usize>) -> Result<Vec<T>>;
+    /// `n` elements of page-locked host memory, for [`Backend::read_pinned`].
+    fn alloc_pinned<T: Elem>(&self, what: &str, n: usize) -> Result<Self::Pinned<T>>;
+    /// Elements `range` of `src` into the leading elements of `dst` (page-locked: the copy is
+    /// queued), then one wait for it: a single host synchronisation.
+    fn read_pinned<'a, T: Elem>(
+        &self,
+        what: &str,
+        src: &Self::Buf<T>,
+        range: Range<usize>,
+        dst: &'a mut Self::Pinned<T>,
+    ) -> Result<&'a [T]>;
     /// Elements `range` of `src` into `dst` from element `at`.
     fn copy<T: Elem>(
         &self,
@@ -99,6 +112,22 @@ pub trait Backend {
         at: usize,
     ) -> Result<()>;
     fn zero<T: Elem>(&self, what: &str, dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Elements `range` of `src` rounded to fp16 (nearest even) into `dst` from element `at`.
+    fn to_f16(
+        &self,
+        src: &Self::Buf<f32>,
+        range: Range<usize>,
+        dst: &mut Self::Buf<f16>,
+        at: usize,
+    ) -> Result<()>;
+    /// `dst[at..at + range.len()] += src[range]` (fp32).
+    fn accumulate(
+        &self,
+        src: &Self::Buf<f32>,
+        range: Range<usize>,
+        dst: &mut Self::Buf<f32>,
+        at: usize,
+    ) -> Result<()>;
 
     /// Row-major `C[m,n] = A[m,k]·B[n,k]ᵀ`.
     fn gemm_a_bt(
@@ -333,6 +362,7 @@ fn dev_inputs<'a>(i: &AttnBufs<'a, GpuBackend>) -> DevAttnInputs<'a> {
 
 impl Backend for GpuBackend {
     type Buf<T: Elem> = CudaSlice<T>;
+    type Pinned<T: Elem> = PinnedHostSlice<T>;
     type AttnScratch = (AttnWorkspace, DevAttnGrads);
 
     fn describe(&self) -> String {
@@ -400,6 +430,38 @@ impl Backend for GpuBackend {
         Ok(v)
     }
 
+    fn alloc_pinned<T: Elem>(&self, what: &str, n: usize) -> Result<PinnedHostSlice<T>> {
+        // SAFETY: the memory is only read after the copies into it completed (`as_slice` waits
+        // on the slice's event). Flags 0: cached memory, as the host reads it (write-combined
+        // memory, cudarc's default, is slow to read).
+        let p = unsafe { self.gpu.context().alloc_pinned_with_flags::<T>(n.max(1), 0) };
+        dev(what, p)
+    }
+
+    fn read_pinned<'a, T: Elem>(
+        &self,
+        what: &str,
+        src: &CudaSlice<T>,
+        range: Range<usize>,
+        dst: &'a mut PinnedHostSlice<T>,
+    ) -> Result<&'a [T]> {
+        let n = range.len();
+        if range.end > src.len() || range.start > range.end || n > dst.len() {
+            anyhow::bail!(
+                "{what}: range {range:?} of a buffer of {} into {} pinned elements",
+                src.len(),
+                dst.len()
+            );
+        }
+        dev(what, self.gpu.stream().memcpy_dtoh(&src.slice(range), dst))?;
+        // The one wait. (cudarc records the pinned slice's event only in multi-stream mode, so
+        // `as_slice`'s own wait on it does not wait for the copy on our one stream: found by the
+        // simulator, which poisons a pinned destination until the copy really runs.)
+        self.gpu.synchronize()?;
+        let all = dev(what, dst.as_slice())?;
+        Ok(&all[..n])
+    }
+
     fn copy<T: Elem>(
         &self,
         what: &str,
@@ -426,6 +488,40 @@ impl Backend for GpuBackend {
 
     fn zero<T: Elem>(&self, what: &str, dst: &mut CudaSlice<T>) -> Result<()> {
         self.timed("copies", || dev(what, self.gpu.stream().memset_zeros(dst)))
+    }
+
+    fn to_f16(
+        &self,
+        src: &CudaSlice<f32>,
+        range: Range<usize>,
+        dst: &mut CudaSlice<f16>,
+        at: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if range.end > src.len() || at + n > dst.len() {
+            anyhow::bail!("fp16 conversion: {range:?} to {at} out of bounds");
+        }
+        let mut d = dst.slice_mut(at..at + n);
+        self.timed("elementwise", || {
+            crate::cuda::ops::convert_f32_to_f16(&self.gpu, &src.slice(range), &mut d)
+        })
+    }
+
+    fn accumulate(
+        &self,
+        src: &CudaSlice<f32>,
+        range: Range<usize>,
+        dst: &mut CudaSlice<f32>,
+        at: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if range.end > src.len() || at + n > dst.len() {
+            anyhow::bail!("accumulation: {range:?} to {at} out of bounds");
+        }
+        let mut d = dst.slice_mut(at..at + n);
+        self.timed("elementwise", || {
+            crate::cuda::ops::axpy(&self.gpu, 1.0, &src.slice(range), &mut d)
+        })
     }
 
     fn gemm_a_bt(

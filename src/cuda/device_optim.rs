@@ -8,13 +8,14 @@
 //! reduction), `clip_grad_norm_`'s factor folded into the kernel's `grad_scale`, then the
 //! optimizer kernel.
 //!
-//! [`DeviceOptimEngine`] is the GPU engine with this update as its
-//! [`Engine::apply_update`]; everything else is the model engine's.
-//!
-//! The host stays the owner of record: after each update the parameters and the optimizer state
-//! are copied back into the caller's `params` / [`Optimizer`] (the trainer builds the prefix
-//! for the next forward from them and checkpoints them). Device copies are re-uploaded only
-//! when the host values differ from what the device last returned (a resume, an outside change).
+//! [`DeviceOptimEngine`] is the GPU engine `train --device cuda` runs. Training a prefix bank,
+//! its [`Engine::begin_training`] makes a [`DeviceTraining`] (`cuda::training`): parameters,
+//! gradient and moments stay on the device and a step reads back one small buffer. Training
+//! the reparameterization MLP keeps the state on the host ([`HostTraining`]) and each
+//! [`Engine::apply_update`] runs on [`DeviceOptimizer`]: the host stays the owner of record,
+//! the parameters and optimizer state are copied back after each update, and the device
+//! copies are re-uploaded only when the host values differ from what the device last returned
+//! (a resume, an outside change).
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
@@ -22,10 +23,13 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use crate::cuda::backend::{Backend, GpuBackend};
 use crate::cuda::engine::ModelEngine;
 use crate::cuda::reparam::ReparamOps;
-use crate::engine::{DecodeCache, Engine};
+use crate::cuda::training::DeviceTraining;
+use crate::engine::{
+    host_train_step, DecodeCache, Engine, HostTraining, StepOutcome, StepRequest, TrainingState,
+};
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, Optimizer, SgdConfig};
-use crate::prefix::{PrefixBank, Reparam, ReparamCache, ReparamGrads};
+use crate::prefix::{PrefixBank, Reparam, ReparamCache, ReparamGrads, Trainable};
 use crate::types::{Batch, LossOutput, RunOptions};
 
 /// Optimizer kernels of a backend. `n` elements of each buffer take part (buffers may be longer).
@@ -59,6 +63,49 @@ pub trait OptimOps: Backend {
     ) -> Result<()>;
     /// `out[0] = Σ x[..n]²`.
     fn sum_squares(&self, n: usize, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
+    /// `out[at] = Σ x[..n]²` with the reduction's partials in `partials` (nothing allocated).
+    fn sum_squares_into(
+        &self,
+        n: usize,
+        x: &Self::Buf<f32>,
+        partials: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<f32>,
+        at: usize,
+    ) -> Result<()>;
+    /// [`OptimOps::adamw_step`] of the loss-scaled gradient `grad` with the clipping decided on
+    /// the device from `sum_sq[at]` (its sum of squares): unscaled by `unscale`, clipped to
+    /// `max_grad_norm` (0: off), and nothing written when the norm is not finite.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step_clipped(
+        &self,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        unscale: f32,
+        max_grad_norm: f64,
+        sum_sq: (&Self::Buf<f32>, usize),
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+    /// [`OptimOps::sgd_step`] with the clipping decided on the device, as
+    /// [`OptimOps::adamw_step_clipped`].
+    #[allow(clippy::too_many_arguments)]
+    fn sgd_step_clipped(
+        &self,
+        config: &SgdConfig,
+        step: u64,
+        lr: f64,
+        unscale: f32,
+        max_grad_norm: f64,
+        sum_sq: (&Self::Buf<f32>, usize),
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        momentum_buf: Option<&mut Self::Buf<f32>>,
+    ) -> Result<()>;
 }
 
 /// The leading `n` elements of a device buffer (an error, not cudarc's panic, past its end).
@@ -134,6 +181,98 @@ impl OptimOps for GpuBackend {
             &head("sum of squares input", x, n)?,
             &mut head_mut("sum of squares output", out, 1)?,
             false,
+        )
+    }
+
+    fn sum_squares_into(
+        &self,
+        n: usize,
+        x: &Self::Buf<f32>,
+        partials: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<f32>,
+        at: usize,
+    ) -> Result<()> {
+        let len = out.len();
+        let mut o = out
+            .try_slice_mut(at..at + 1)
+            .ok_or_else(|| anyhow!("sum of squares output: element {at} of {len}"))?;
+        crate::cuda::ops::sum_squares_with(
+            &self.gpu,
+            &head("sum of squares input", x, n)?,
+            &mut partials.as_view_mut(),
+            &mut o,
+            false,
+        )
+    }
+
+    fn adamw_step_clipped(
+        &self,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        unscale: f32,
+        max_grad_norm: f64,
+        sum_sq: (&Self::Buf<f32>, usize),
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        m: &mut Self::Buf<f32>,
+        v: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        let (sq, at) = sum_sq;
+        let sq = sq
+            .try_slice(at..at + 1)
+            .ok_or_else(|| anyhow!("gradient sum of squares: element {at} of {}", sq.len()))?;
+        crate::cuda::ops::adamw_step_clipped(
+            &self.gpu,
+            config,
+            step,
+            lr,
+            unscale,
+            &crate::cuda::ops::DeviceClip {
+                sum_sq: &sq,
+                max_grad_norm,
+            },
+            &mut head_mut("AdamW parameters", param, n)?,
+            &head("AdamW gradient", grad, n)?,
+            &mut head_mut("AdamW first moment", m, n)?,
+            &mut head_mut("AdamW second moment", v, n)?,
+        )
+    }
+
+    fn sgd_step_clipped(
+        &self,
+        config: &SgdConfig,
+        step: u64,
+        lr: f64,
+        unscale: f32,
+        max_grad_norm: f64,
+        sum_sq: (&Self::Buf<f32>, usize),
+        n: usize,
+        param: &mut Self::Buf<f32>,
+        grad: &Self::Buf<f32>,
+        momentum_buf: Option<&mut Self::Buf<f32>>,
+    ) -> Result<()> {
+        let (sq, at) = sum_sq;
+        let sq = sq
+            .try_slice(at..at + 1)
+            .ok_or_else(|| anyhow!("gradient sum of squares: element {at} of {}", sq.len()))?;
+        let mut buf = momentum_buf
+            .map(|b| head_mut("SGD momentum buffer", b, n))
+            .transpose()?;
+        crate::cuda::ops::sgd_step_clipped(
+            &self.gpu,
+            config,
+            step,
+            lr,
+            unscale,
+            &crate::cuda::ops::DeviceClip {
+                sum_sq: &sq,
+                max_grad_norm,
+            },
+            &mut head_mut("SGD parameters", param, n)?,
+            &head("SGD gradient", grad, n)?,
+            buf.as_mut(),
         )
     }
 }
@@ -310,7 +449,7 @@ impl<B: OptimOps> DeviceOptimEngine<B> {
     }
 }
 
-impl<B: OptimOps + ReparamOps> Engine for DeviceOptimEngine<B>
+impl<B: OptimOps + ReparamOps + 'static> Engine for DeviceOptimEngine<B>
 where
     ModelEngine<B>: Engine,
 {
@@ -392,5 +531,51 @@ where
         d_peft: &[f32],
     ) -> Result<ReparamGrads<f32>> {
         crate::cuda::reparam::backward(self.engine.backend_mut(), r, cache, d_peft)
+    }
+
+    /// A prefix bank trains with its state on the device ([`DeviceTraining`]); a
+    /// reparameterization on the host ([`HostTraining`], its MLP on the device).
+    fn begin_training(
+        &mut self,
+        trainable: Trainable,
+        optimizer: Optimizer,
+    ) -> Result<Box<dyn TrainingState>> {
+        match trainable {
+            Trainable::Bank(bank) if bank.len > 0 => Ok(Box::new(DeviceTraining::new(
+                &mut self.engine,
+                bank,
+                optimizer,
+            )?)),
+            t => Ok(Box::new(HostTraining::new(self, t, optimizer)?)),
+        }
+    }
+
+    fn train_step(
+        &mut self,
+        state: &mut dyn TrainingState,
+        req: &StepRequest<'_>,
+    ) -> Result<StepOutcome> {
+        if let Some(d) = state.as_any_mut().downcast_mut::<DeviceTraining<B>>() {
+            return d.step(&mut self.engine, req);
+        }
+        host_train_step(self, HostTraining::of(state)?, req)
+    }
+
+    fn training_snapshot(
+        &mut self,
+        state: &mut dyn TrainingState,
+    ) -> Result<(Trainable, Optimizer)> {
+        if let Some(d) = state.as_any_mut().downcast_mut::<DeviceTraining<B>>() {
+            return d.snapshot(&mut self.engine);
+        }
+        let h = HostTraining::of(state)?;
+        Ok((h.trainable.clone(), h.optimizer.clone()))
+    }
+
+    fn training_prefix(&mut self, state: &mut dyn TrainingState) -> Result<PrefixBank<f32>> {
+        if let Some(d) = state.as_any_mut().downcast_mut::<DeviceTraining<B>>() {
+            return d.prefix(&mut self.engine);
+        }
+        Ok(HostTraining::of(state)?.prefix.clone())
     }
 }

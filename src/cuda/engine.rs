@@ -39,8 +39,12 @@
 //!   by a reorder: the continuous batching of `prefix-tune serve`. Each sequence's prefix is
 //!   copied into its own cache rows (the decode kernel reads one contiguous cache per sequence).
 //!
-//! The prefix bank comes from the host each call (it is small) and its gradient goes back to the
-//! host, where the trainer's optimizer keeps the fp32 master copy.
+//! Where the prefix bank comes from and where its gradient goes is the caller's choice
+//! (`BankSource`, `GradSink`, `LossSink`): the [`Engine`] calls take a host bank and
+//! return a host gradient (the reference's interface, one upload and one download per call);
+//! the device-resident training step (`cuda::training`) hands in its fp32 master on the device
+//! (rounded to fp16 there), accumulates the gradient into its own buffer and keeps the losses
+//! on the device until its one read per step.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -462,6 +466,57 @@ struct LossScaler {
     good_steps: u32,
 }
 
+/// Where a call's prefix bank comes from.
+pub(crate) enum BankSource<'a, B: Backend> {
+    /// No prefix (the base model).
+    None,
+    /// A host bank, uploaded in fp16 (the engine's calls from the [`Engine`] interface).
+    Host(&'a PrefixBank<f32>),
+    /// A device-resident fp32 master bank in [`PrefixBank::to_flat`]'s order
+    /// (`[L][K|V][n, Hkv, P, D]`), rounded to fp16 into the workspace by kernels (training with
+    /// the state on the device: nothing crosses the bus).
+    Device {
+        master: &'a B::Buf<f32>,
+        n_prefixes: usize,
+        len: usize,
+    },
+}
+
+impl<B: Backend> BankSource<'_, B> {
+    /// (prefix length, number of prefixes); (0, 0) without a prefix.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            BankSource::Host(p) if p.len > 0 => (p.len, p.n_prefixes),
+            BankSource::Device {
+                n_prefixes, len, ..
+            } if *len > 0 => (*len, *n_prefixes),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// Where the head's per-target losses go.
+enum LossSink<'a, B: Backend> {
+    /// Read back: `head` returns the loss sum of each sequence.
+    Host,
+    /// Left on the device from element `at` of `buf`, in target order (read later, with the
+    /// rest of a training step's results, in one transfer).
+    Device { buf: &'a mut B::Buf<f32>, at: usize },
+}
+
+/// Where the backward's per-layer prefix gradients (loss-scaled, fp32, flat in
+/// [`PrefixBank::to_flat`]'s order) go.
+enum GradSink<'a, B: Backend> {
+    /// The workspace, for [`ModelEngine::download_prefix_grads`].
+    Workspace,
+    /// A device buffer: written (`accumulate` false) or added to (gradient accumulation over a
+    /// step's micro-batches).
+    Device {
+        grad: &'a mut B::Buf<f32>,
+        accumulate: bool,
+    },
+}
+
 /// Sizes of one call.
 #[derive(Clone, Copy, Debug)]
 struct CallShape {
@@ -668,20 +723,92 @@ impl<B: Backend> ModelEngine<B> {
         Ok(())
     }
 
+    /// The loss scaler after a backward at the current scale (torch's `GradScaler.update`):
+    /// `finite` counts a clean step (the scale doubles after `GROWTH_INTERVAL` of them);
+    /// otherwise the scale is halved and returned (the step is to be skipped), or an error
+    /// when it is already as low as it goes.
+    pub(crate) fn after_backward(&mut self, finite: bool) -> Result<Option<f32>> {
+        let s = self.scaler.scale;
+        if finite {
+            self.scaler.good_steps += 1;
+            if self.scaler.good_steps >= GROWTH_INTERVAL && s < MAX_SCALE {
+                self.scaler.scale = s * 2.0;
+                self.scaler.good_steps = 0;
+            }
+            return Ok(None);
+        }
+        self.scaler.good_steps = 0;
+        let new_scale = s / 2.0;
+        if new_scale < MIN_SCALE {
+            bail!(
+                "the prefix gradient is not finite even at loss scale {s}: the fp16 backward \
+                 overflowed (use --device cpu)"
+            );
+        }
+        self.scaler.scale = new_scale;
+        self.overflow_skips += 1;
+        Ok(Some(new_scale))
+    }
+
+    /// One micro-batch of a training step whose state stays on the device: the forward from
+    /// the fp32 master bank `master` (`n_prefixes` prefixes of length `len`, flat in
+    /// [`PrefixBank::to_flat`]'s order), the head with its per-target losses copied to
+    /// `losses[at..]` (unscaled, in target order), and the backward of
+    /// `loss_scale · Σ loss / step_targets` with the prefix gradient written to `grad`, or added
+    /// to it with `accumulate`. Nothing is read back and nothing waits for the device. Returns
+    /// the micro-batch's target count. `check` is a bank of the master's shape (for the input
+    /// checks only).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn train_micro(
+        &mut self,
+        master: &B::Buf<f32>,
+        check: &PrefixBank<f32>,
+        batch: &Batch,
+        opts: &RunOptions,
+        step_targets: usize,
+        losses: &mut B::Buf<f32>,
+        at: usize,
+        grad: &mut B::Buf<f32>,
+        accumulate: bool,
+    ) -> Result<usize> {
+        check_run(&self.cfg, Some(check), batch, opts)?;
+        let n: usize = batch.n_targets().iter().sum();
+        ensure!(
+            n > 0 && step_targets >= n,
+            "a training micro-batch needs target tokens ({n} of {step_targets})"
+        );
+        ensure!(
+            B::len(master) == check.n_params() && B::len(grad) >= check.n_params(),
+            "device training state: {} master / {} gradient elements for a bank of {}",
+            B::len(master),
+            B::len(grad),
+            check.n_params()
+        );
+        let source = BankSource::Device {
+            master,
+            n_prefixes: check.n_prefixes,
+            len: check.len,
+        };
+        let shape = self.forward(source, batch, opts, true)?;
+        let s = self.scaler.scale;
+        let sink = LossSink::Device { buf: losses, at };
+        self.head(&shape, batch, Some(s / step_targets as f32), sink)?;
+        self.backward(&shape, GradSink::Device { grad, accumulate })?;
+        self.note_memory();
+        Ok(n)
+    }
+
     /// Uploads the batch and the bank, runs the forward to the final hidden states (in
     /// `ws.h`), keeping per-layer activations when `train`.
     fn forward(
         &mut self,
-        prefix: Option<&PrefixBank<f32>>,
+        prefix: BankSource<'_, B>,
         batch: &Batch,
         opts: &RunOptions,
         train: bool,
     ) -> Result<CallShape> {
         let cfg = self.cfg.clone();
-        let (p_len, n_prefixes) = match prefix {
-            Some(p) if p.len > 0 => (p.len, p.n_prefixes),
-            _ => (0, 0),
-        };
+        let (p_len, n_prefixes) = prefix.dims();
         let shape = CallShape {
             batch: batch.batch,
             seq: batch.seq,
@@ -689,7 +816,7 @@ impl<B: Backend> ModelEngine<B> {
             n_prefixes,
         };
         let offset = match opts.positions {
-            Positions::AfterPrefix => prefix.map_or(0, |p| p.len),
+            Positions::AfterPrefix => p_len,
             Positions::FromZero => 0,
         };
         self.prepare(&shape, train, offset + batch.seq)?;
@@ -724,11 +851,24 @@ impl<B: Backend> ModelEngine<B> {
         let (pi, vl) = attn::index_arrays(&s_attn, &batch.prefix_index, &batch.valid_len)?;
         be.write("uploading prefix indices", &pi, &mut ws.prefix_index)?;
         be.write("uploading valid lengths", &vl, &mut ws.valid_len)?;
-        if let Some(p) = prefix.filter(|p| p.len > 0) {
-            for l in 0..cfg.n_layers {
-                let (bk, bv) = &mut ws.bank[l];
-                be.write("uploading prefix keys", &to_f16(&p.k[l]), bk)?;
-                be.write("uploading prefix values", &to_f16(&p.v[l]), bv)?;
+        let bank_len = s_attn.bank_len();
+        match prefix {
+            _ if bank_len == 0 => {}
+            BankSource::None => {}
+            BankSource::Host(p) => {
+                for l in 0..cfg.n_layers {
+                    let (bk, bv) = &mut ws.bank[l];
+                    be.write("uploading prefix keys", &to_f16(&p.k[l]), bk)?;
+                    be.write("uploading prefix values", &to_f16(&p.v[l]), bv)?;
+                }
+            }
+            BankSource::Device { master, .. } => {
+                for l in 0..cfg.n_layers {
+                    let (bk, bv) = &mut ws.bank[l];
+                    let base = 2 * l * bank_len;
+                    be.to_f16(master, base..base + bank_len, bk, 0)?;
+                    be.to_f16(master, base + bank_len..base + 2 * bank_len, bv, 0)?;
+                }
             }
         }
 
@@ -765,6 +905,7 @@ impl<B: Backend> ModelEngine<B> {
         shape: &CallShape,
         batch: &Batch,
         grad_scale: Option<f32>,
+        mut sink: LossSink<'_, B>,
     ) -> Result<Vec<f64>> {
         let Self {
             be, model, ws, cfg, ..
@@ -792,13 +933,11 @@ impl<B: Backend> ModelEngine<B> {
             be.gemm_a_bt(c, vocab, d, &ws.head_h, head, &mut ws.logits)?;
             let cp = ops::ce_params(c, vocab, grad_scale)?;
             be.cross_entropy(&cp, &mut ws.logits, &ws.head_labels, &mut ws.chunk_loss)?;
-            be.copy(
-                "collecting losses",
-                &ws.chunk_loss,
-                0..c,
-                &mut ws.head_loss,
-                offset,
-            )?;
+            let (dst, at) = match &mut sink {
+                LossSink::Host => (&mut ws.head_loss, offset),
+                LossSink::Device { buf, at } => (&mut **buf, *at + offset),
+            };
+            be.copy("collecting losses", &ws.chunk_loss, 0..c, dst, at)?;
             if grad_scale.is_some() {
                 be.gemm_a_b(c, d, vocab, &ws.logits, head, &mut ws.head_dh)?;
                 be.scatter_rows(&rp, rows, &ws.head_dh, &ws.head_idx, &mut ws.y)?;
@@ -806,7 +945,7 @@ impl<B: Backend> ModelEngine<B> {
             offset += c;
         }
         let mut loss_sum = vec![0.0f64; shape.batch];
-        if offset > 0 {
+        if offset > 0 && matches!(sink, LossSink::Host) {
             let losses = be.read("downloading losses", &ws.head_loss, 0..offset)?;
             for (&(r, _), &l) in targets.iter().zip(&losses) {
                 loss_sum[r / shape.seq] += l as f64;
@@ -837,9 +976,9 @@ impl<B: Backend> ModelEngine<B> {
         Ok(out)
     }
 
-    /// The prefix-only backward from the hidden-state gradient in `ws.y`. Returns the prefix
-    /// gradient times `unscale`, or `None` when it is not finite (fp16 overflow).
-    fn backward(&mut self, shape: &CallShape, unscale: f32) -> Result<Option<PrefixBank<f32>>> {
+    /// The prefix-only backward from the hidden-state gradient in `ws.y`, the (loss-scaled)
+    /// prefix gradient into `sink`.
+    fn backward(&mut self, shape: &CallShape, mut sink: GradSink<'_, B>) -> Result<()> {
         let cfg = self.cfg.clone();
         let deterministic = self.deterministic;
         let Self {
@@ -946,20 +1085,29 @@ impl<B: Backend> ModelEngine<B> {
             let grads = B::attn_grads(&ws.attn);
             if bank_len > 0 {
                 let base = l * 2 * bank_len;
-                be.copy(
-                    "collecting prefix key gradients",
-                    grads.d_prefix_k,
-                    0..bank_len,
-                    &mut ws.prefix_grads,
-                    base,
-                )?;
-                be.copy(
-                    "collecting prefix value gradients",
-                    grads.d_prefix_v,
-                    0..bank_len,
-                    &mut ws.prefix_grads,
-                    base + bank_len,
-                )?;
+                let parts = [
+                    (grads.d_prefix_k, base),
+                    (grads.d_prefix_v, base + bank_len),
+                ];
+                for (src, at) in parts {
+                    match &mut sink {
+                        GradSink::Workspace => be.copy(
+                            "collecting prefix gradients",
+                            src,
+                            0..bank_len,
+                            &mut ws.prefix_grads,
+                            at,
+                        )?,
+                        GradSink::Device {
+                            grad,
+                            accumulate: false,
+                        } => be.copy("collecting prefix gradients", src, 0..bank_len, grad, at)?,
+                        GradSink::Device {
+                            grad,
+                            accumulate: true,
+                        } => be.accumulate(src, 0..bank_len, grad, at)?,
+                    }
+                }
             }
             if l == 0 {
                 break;
@@ -994,6 +1142,20 @@ impl<B: Backend> ModelEngine<B> {
             )?;
         }
 
+        Ok(())
+    }
+
+    /// The prefix gradient [`ModelEngine::backward`] left in the workspace, times `unscale`, on
+    /// the host; `None` when it is not finite (fp16 overflow).
+    fn download_prefix_grads(
+        &mut self,
+        shape: &CallShape,
+        unscale: f32,
+    ) -> Result<Option<PrefixBank<f32>>> {
+        let cfg = &self.cfg;
+        let (be, ws) = (&self.be, self.ws.as_ref().expect("workspace"));
+        let hd = cfg.head_dim;
+        let bank_len = shape.n_prefixes * cfg.n_kv_heads * shape.prefix * hd;
         let mut grad = PrefixBank::<f32>::zeros(
             shape.n_prefixes,
             cfg.n_layers,
@@ -1019,6 +1181,14 @@ impl<B: Backend> ModelEngine<B> {
         }
         Ok(grad.all_finite().then_some(grad))
     }
+}
+
+/// The error of a non-finite loss on the GPU engine.
+pub(crate) fn non_finite_loss(loss: f64) -> String {
+    format!(
+        "the GPU forward gave a non-finite loss ({loss}): the fp16 activations overflowed (use \
+         --device cpu for this model or data)"
+    )
 }
 
 /// The softmax scale of the attention: 1/sqrt(head_dim).
@@ -1108,8 +1278,9 @@ where
         if batch.rows() == 0 {
             return Ok(loss_output(vec![0.0; batch.batch], batch));
         }
-        let shape = self.forward(prefix, batch, opts, false)?;
-        let sums = self.head(&shape, batch, None)?;
+        let source = prefix.map_or(BankSource::None, BankSource::Host);
+        let shape = self.forward(source, batch, opts, false)?;
+        let sums = self.head(&shape, batch, None, LossSink::Host)?;
         self.note_memory();
         Ok(loss_output(sums, batch))
     }
@@ -1126,51 +1297,30 @@ where
             let out = self.loss(Some(prefix), batch, opts)?;
             return Ok((out, prefix.zeros_like()));
         }
-        let shape = self.forward(Some(prefix), batch, opts, true)?;
+        let shape = self.forward(BankSource::Host(prefix), batch, opts, true)?;
         let s = self.scaler.scale;
-        let sums = self.head(&shape, batch, Some(s / total as f32))?;
+        let sums = self.head(&shape, batch, Some(s / total as f32), LossSink::Host)?;
         let out = loss_output(sums, batch);
         if !out.mean_loss.is_finite() {
-            bail!(
-                "the GPU forward gave a non-finite loss ({}): the fp16 activations overflowed \
-                 (use --device cpu for this model or data)",
-                out.mean_loss
-            );
+            bail!("{}", non_finite_loss(out.mean_loss as f64));
         }
-        let grad = self.backward(&shape, 1.0 / s)?;
+        self.backward(&shape, GradSink::Workspace)?;
+        let grad = self.download_prefix_grads(&shape, 1.0 / s)?;
         self.note_memory();
-        match grad {
-            Some(mut grad) => {
-                self.scaler.good_steps += 1;
-                if self.scaler.good_steps >= GROWTH_INTERVAL && s < MAX_SCALE {
-                    self.scaler.scale = s * 2.0;
-                    self.scaler.good_steps = 0;
-                }
+        match self.after_backward(grad.is_some())? {
+            None => {
+                let mut grad = grad.expect("finite");
                 if prefix.len == 0 {
                     grad = prefix.zeros_like();
                 }
                 Ok((out, grad))
             }
-            None => {
-                // Skip the step with a lower scale (torch's GradScaler), unless it is already
-                // as low as it goes.
-                self.scaler.good_steps = 0;
-                let new_scale = s / 2.0;
-                if new_scale < MIN_SCALE {
-                    bail!(
-                        "the prefix gradient is not finite even at loss scale {s}: the fp16 \
-                         backward overflowed (use --device cpu)"
-                    );
-                }
-                self.scaler.scale = new_scale;
-                self.overflow_skips += 1;
-                Err(crate::engine::GradOverflow {
-                    loss: out,
-                    scale: s,
-                    new_scale,
-                }
-                .into())
+            Some(new_scale) => Err(crate::engine::GradOverflow {
+                loss: out,
+                scale: s,
+                new_scale,
             }
+            .into()),
         }
     }
 

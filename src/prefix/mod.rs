@@ -12,6 +12,7 @@ pub mod file;
 pub mod peft;
 pub mod reparam;
 pub mod resolve;
+pub mod trainable;
 
 pub use file::{
     check_compatible, load_prefix, load_prefix_for, load_reparam, save_prefix, save_reparam,
@@ -19,6 +20,7 @@ pub use file::{
 };
 pub use peft::{export_peft_adapter, from_peft, import_peft_adapter, to_peft, PeftAdapterConfig};
 pub use reparam::{Reparam, ReparamCache, ReparamGrads};
+pub use trainable::Trainable;
 
 use anyhow::{bail, ensure, Result};
 use rand::rngs::StdRng;

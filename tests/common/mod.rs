@@ -2,6 +2,8 @@
 //! requires the missing thing), the GPU / SmolLM2 gates.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::io::Write;
 use std::sync::OnceLock;
 

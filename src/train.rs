@@ -727,7 +727,8 @@ pub fn train(
         if save_now {
             let (trainable, optimizer) = engine.training_snapshot(&mut *state)?;
             if !want_eval {
-                prefix = engine.training_prefix(&mut *state)?;
+                // From the snapshot (a bank is its own prefix): no second read of the device.
+                prefix = crate::engine::prefix_of(engine, &trainable)?;
             }
             let params = trainable.to_flat();
             let reparam = match &trainable {

@@ -116,6 +116,43 @@ pub fn adamw_params(
     })
 }
 
+/// The parameters of the SGD kernels for step `step` (1-based) of `n` elements, after checking
+/// the lengths: `grad_len` and, with momentum, `momentum_len` must be `n` (`what` names the
+/// call in errors).
+#[allow(clippy::too_many_arguments)]
+fn sgd_params(
+    what: &str,
+    config: &SgdConfig,
+    step: u64,
+    lr: f64,
+    grad_scale: f32,
+    n: usize,
+    grad_len: usize,
+    momentum_len: Option<usize>,
+) -> Result<pt_sgd_params> {
+    if step == 0 {
+        bail!("SGD step numbers start at 1");
+    }
+    check_len(&format!("{what} grad"), n, grad_len)?;
+    if config.momentum != 0.0 {
+        match momentum_len {
+            Some(len) => check_len(&format!("{what} momentum buffer"), n, len)?,
+            None => bail!(
+                "{what}: momentum {} needs a momentum buffer",
+                config.momentum
+            ),
+        }
+    }
+    Ok(pt_sgd_params {
+        n: n as i64,
+        lr: lr as f32,
+        weight_decay: config.weight_decay as f32,
+        grad_scale,
+        momentum: config.momentum as f32,
+        first_step: (step == 1) as i32,
+    })
+}
+
 /// One AdamW update (number `step`, 1-based) of fp32 `param` from `grad * grad_scale`, updating
 /// the moments `m`, `v`; with `param_f16` also writes the updated weights rounded to fp16.
 #[allow(clippy::too_many_arguments)]
@@ -173,34 +210,24 @@ pub fn sgd_step(
     momentum_buf: Option<&mut CudaViewMut<'_, f32>>,
     param_f16: Option<&mut CudaViewMut<'_, f16>>,
 ) -> Result<()> {
-    if step == 0 {
-        bail!("SGD step numbers start at 1");
-    }
     let n = param.len();
-    check_len("sgd_step grad", n, grad.len())?;
     let use_momentum = config.momentum != 0.0;
-    match (&momentum_buf, use_momentum) {
-        (Some(b), true) => check_len("sgd_step momentum buffer", n, b.len())?,
-        (None, true) => bail!(
-            "sgd_step: momentum {} needs a momentum buffer",
-            config.momentum
-        ),
-        _ => {}
-    }
+    let p = sgd_params(
+        "sgd_step",
+        config,
+        step,
+        lr,
+        grad_scale,
+        n,
+        grad.len(),
+        momentum_buf.as_ref().map(|b| b.len()),
+    )?;
     if let Some(h) = &param_f16 {
         check_len("sgd_step fp16 copy", n, h.len())?;
     }
     if n == 0 {
         return Ok(());
     }
-    let p = pt_sgd_params {
-        n: n as i64,
-        lr: lr as f32,
-        weight_decay: config.weight_decay as f32,
-        grad_scale,
-        momentum: config.momentum as f32,
-        first_step: (step == 1) as i32,
-    };
     let name = match (use_momentum, param_f16.is_some()) {
         (false, false) => "pt_sgd_step",
         (false, true) => "pt_sgd_step_f16",
@@ -299,32 +326,22 @@ pub fn sgd_step_clipped(
     grad: &CudaView<'_, f32>,
     momentum_buf: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    if step == 0 {
-        bail!("SGD step numbers start at 1");
-    }
     let n = param.len();
-    check_len("sgd_step_clipped grad", n, grad.len())?;
     let use_momentum = config.momentum != 0.0;
-    match (&momentum_buf, use_momentum) {
-        (Some(b), true) => check_len("sgd_step_clipped momentum buffer", n, b.len())?,
-        (None, true) => bail!(
-            "sgd_step_clipped: momentum {} needs a momentum buffer",
-            config.momentum
-        ),
-        _ => {}
-    }
+    let p = sgd_params(
+        "sgd_step_clipped",
+        config,
+        step,
+        lr,
+        unscale,
+        n,
+        grad.len(),
+        momentum_buf.as_ref().map(|b| b.len()),
+    )?;
     let c = clip_params(clip)?;
     if n == 0 {
         return Ok(());
     }
-    let p = pt_sgd_params {
-        n: n as i64,
-        lr: lr as f32,
-        weight_decay: config.weight_decay as f32,
-        grad_scale: unscale,
-        momentum: config.momentum as f32,
-        first_step: (step == 1) as i32,
-    };
     let name = if use_momentum {
         "pt_sgd_momentum_step_clipped"
     } else {

@@ -160,12 +160,14 @@ impl<B: OptimOps> DeviceTraining<B> {
             GRAD_SQ,
         )?;
         let sum_sq = (&self.results, GRAD_SQ);
-        match &mut self.optimizer {
+        // The step's number; counted only once the update happened (the kernels skip a
+        // non-finite norm).
+        let next = self.optimizer.steps_done() + 1;
+        match &self.optimizer {
             Optimizer::AdamW(o) => {
-                o.step += 1;
                 be.adamw_step_clipped(
                     &o.config,
-                    o.step,
+                    next,
                     req.lr,
                     unscale,
                     req.max_grad_norm,
@@ -178,11 +180,10 @@ impl<B: OptimOps> DeviceTraining<B> {
                 )?;
             }
             Optimizer::Sgd(o) => {
-                o.step += 1;
                 let momentum = o.config.momentum != 0.0;
                 // The kernels tell the first momentum step by its number.
                 let kernel_step = if self.momentum_started {
-                    o.step.max(2)
+                    next.max(2)
                 } else {
                     1
                 };
@@ -221,11 +222,7 @@ impl<B: OptimOps> DeviceTraining<B> {
             return Err(anyhow!(non_finite_loss(loss_sum / total as f64)));
         }
         if !grad_norm.is_finite() {
-            // The kernel wrote nothing: undo the step count, lower the scale.
-            match &mut self.optimizer {
-                Optimizer::AdamW(o) => o.step -= 1,
-                Optimizer::Sgd(o) => o.step -= 1,
-            }
+            // The kernel wrote nothing: lower the scale.
             let new_scale = engine
                 .after_backward(false)?
                 .expect("a non-finite gradient lowers the scale");
@@ -237,8 +234,12 @@ impl<B: OptimOps> DeviceTraining<B> {
             });
         }
         engine.after_backward(true)?;
-        if matches!(&self.optimizer, Optimizer::Sgd(o) if o.config.momentum != 0.0) {
-            self.momentum_started = true;
+        match &mut self.optimizer {
+            Optimizer::AdamW(o) => o.step = next,
+            Optimizer::Sgd(o) => {
+                o.step = next;
+                self.momentum_started |= o.config.momentum != 0.0;
+            }
         }
         if !param_sq.is_finite() {
             return Ok(StepOutcome::DivergedUpdate);

@@ -368,6 +368,9 @@ fn an_old_driver_is_named_and_refused_cleanly() {
         "{old}"
     );
     assert!(old.contains("the CPU reference engine"), "{old}");
+    // No NVRTC on this library path: the run-time compilation fallback says why it cannot help
+    // (tests/gpu_driver_fallback.rs runs it with one).
+    assert!(old.contains("no NVRTC library"), "{old}");
     let new = run("13000");
     assert!(
         new.contains("driver         CUDA 13.0") && !new.contains("none usable"),

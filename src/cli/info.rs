@@ -73,6 +73,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "gpu_error": gpu.as_ref().err(),
             "driver_cuda_version": crate::cuda::context::driver_cuda_version(),
             "min_driver_cuda_version": crate::cuda::context::MIN_DRIVER_CUDA_VERSION,
+            "min_driver_cuda_version_nvrtc": crate::cuda::context::MIN_DRIVER_CUDA_VERSION_NVRTC,
             "kernels_built": kernels,
         });
         writeln!(out, "{v}")?;
@@ -132,6 +133,7 @@ fn machine(json: bool) -> Result<()> {
             "gpu_error": gpu.as_ref().err(),
             "driver_cuda_version": crate::cuda::context::driver_cuda_version(),
             "min_driver_cuda_version": crate::cuda::context::MIN_DRIVER_CUDA_VERSION,
+            "min_driver_cuda_version_nvrtc": crate::cuda::context::MIN_DRIVER_CUDA_VERSION_NVRTC,
             "kernels_built": kernels,
         });
         writeln!(out, "{v}")?;
@@ -142,22 +144,27 @@ fn machine(json: bool) -> Result<()> {
 
 /// The GPU, kernels and `--device auto` lines of the text output.
 fn machine_lines(out: &mut impl Write, gpu: &Result<String, String>, kernels: bool) -> Result<()> {
-    use crate::cuda::context::{cuda_version_string, driver_cuda_version, MIN_DRIVER_CUDA_VERSION};
+    use crate::cuda::context::{
+        cuda_version_string, driver_cuda_version, MIN_DRIVER_CUDA_VERSION,
+        MIN_DRIVER_CUDA_VERSION_NVRTC,
+    };
     match gpu {
         Ok(d) => writeln!(out, "GPU            {d}")?,
         Err(e) => writeln!(out, "GPU            none usable ({e})")?,
     }
     let min = cuda_version_string(MIN_DRIVER_CUDA_VERSION);
+    let min_nvrtc = cuda_version_string(MIN_DRIVER_CUDA_VERSION_NVRTC);
+    let need = format!(
+        "the kernels need CUDA {min} or newer: driver R580+; from CUDA {min_nvrtc} (R535) \
+         compiled at run time by the machine's NVRTC, no newer than the driver"
+    );
     match driver_cuda_version() {
         Some(v) => writeln!(
             out,
-            "driver         CUDA {} (the kernels need CUDA {min} or newer: driver R580+)",
+            "driver         CUDA {} ({need})",
             cuda_version_string(v)
         )?,
-        None => writeln!(
-            out,
-            "driver         none (the kernels need CUDA {min} or newer: driver R580+)"
-        )?,
+        None => writeln!(out, "driver         none ({need})")?,
     }
     writeln!(
         out,

@@ -1,6 +1,7 @@
 //! The GPU context: finds a usable device (driver present, sm_80 or newer), creates the cudarc
 //! context and stream, and loads every embedded kernel module (the sm_90 cubin on a 9.0 device,
-//! the PTX elsewhere). Every failure is an `Err` that says why, never a panic, so callers can fall
+//! the PTX elsewhere; on a driver older than CUDA 13.0, PTX compiled at run time by the machine's
+//! NVRTC: [`super::rtc`]). Every failure is an `Err` that says why, never a panic, so callers can fall
 //! back to the CPU or report it (`prefix-tune info`).
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use super::modules::{KernelModule, MODULES};
+use super::rtc::{KernelSource, Nvrtc};
 
 /// What to do when the crate was built without kernels.
 const NO_KERNELS: &str = "this build has no CUDA kernels (nvcc was not found when it was built): \
@@ -20,6 +22,10 @@ run `bash scripts/setup` (installs the CUDA 13.0 compiler), `source <cache>/env.
 /// The oldest driver the embedded kernels load on, as the CUDA version it supports: the
 /// modules are CUDA 13.0 output (PTX ISA 9.0 and an sm_90 cubin), which drivers before R580 refuse.
 pub const MIN_DRIVER_CUDA_VERSION: i32 = 13000;
+
+/// The oldest driver the NVRTC fallback is meant for (CUDA 12.2, R535), with an NVRTC no newer
+/// than the driver. Tested on the simulated device with NVRTC 12.8 at CUDA 12.8 only.
+pub const MIN_DRIVER_CUDA_VERSION_NVRTC: i32 = 12020;
 
 /// The CUDA version the loaded driver supports (`cuDriverGetVersion`: 13000 for 13.0), or `None`
 /// without a driver.
@@ -74,7 +80,7 @@ impl std::fmt::Debug for GpuContext {
 }
 
 /// Runs a driver call, turning cudarc's panics (a driver library missing symbols) into errors.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
@@ -97,16 +103,7 @@ impl GpuContext {
                 "no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)"
             );
         }
-        if let Some(v) = driver_cuda_version().filter(|&v| v < MIN_DRIVER_CUDA_VERSION) {
-            bail!(
-                "the NVIDIA driver supports CUDA {}, but prefix-tune's kernels are CUDA {} images \
-                 (PTX ISA 9.0, an sm_90 cubin) and need a driver for CUDA {} or newer (R580 or \
-                 later): update the driver, or use --device cpu",
-                cuda_version_string(v),
-                cuda_version_string(MIN_DRIVER_CUDA_VERSION),
-                cuda_version_string(MIN_DRIVER_CUDA_VERSION)
-            );
-        }
+        let nvrtc = Self::nvrtc_if_needed(KernelSource::from_env()?)?;
         let count = guarded("counting devices", || {
             CudaContext::device_count().map_err(|e| anyhow!("CUDA driver error: {e:?}"))
         })?;
@@ -116,10 +113,65 @@ impl GpuContext {
         if ordinal >= count as usize {
             bail!("CUDA device {ordinal} requested but only {count} device(s) exist");
         }
-        guarded("creating the CUDA context", || Self::open(ordinal))
+        guarded("creating the CUDA context", || {
+            Self::open(ordinal, nvrtc.as_ref())
+        })
     }
 
-    fn open(ordinal: usize) -> Result<Self> {
+    /// The NVRTC to compile the kernels with, when `source` asks for it or the driver is older
+    /// than the embedded images (`None`: load those). The errors name the driver, the minimum,
+    /// and why the fallback is unavailable.
+    fn nvrtc_if_needed(source: KernelSource) -> Result<Option<Nvrtc>> {
+        let driver = driver_cuda_version();
+        let old = driver.filter(|&v| v < MIN_DRIVER_CUDA_VERSION);
+        let refused = |v: i32| {
+            format!(
+                "the NVIDIA driver supports CUDA {}, but prefix-tune's kernels are CUDA {} images \
+                 (PTX ISA 9.0, an sm_90 cubin) and need a driver for CUDA {} or newer (R580 or \
+                 later): update the driver, or use --device cpu",
+                cuda_version_string(v),
+                cuda_version_string(MIN_DRIVER_CUDA_VERSION),
+                cuda_version_string(MIN_DRIVER_CUDA_VERSION)
+            )
+        };
+        match (source, old) {
+            (KernelSource::Embedded, Some(v)) => {
+                bail!(
+                    "{} (PREFIX_TUNE_KERNELS=embedded: no NVRTC fallback)",
+                    refused(v)
+                )
+            }
+            (KernelSource::Embedded, None) | (KernelSource::Auto, None) => return Ok(None),
+            (KernelSource::Auto, Some(_)) | (KernelSource::Nvrtc, _) => {}
+        }
+        let nvrtc = Nvrtc::find().map_err(|e| match old {
+            Some(v) => anyhow!(
+                "{}; the fallback, compiling the kernels with the machine's NVRTC, is not \
+                 available either: {e:#}",
+                refused(v)
+            ),
+            None => e.context("PREFIX_TUNE_KERNELS=nvrtc"),
+        })?;
+        if let Some(v) = driver.filter(|&v| v < nvrtc.cuda_version()) {
+            let msg = format!(
+                "NVRTC {}.{} is newer than the driver (CUDA {}): the driver would refuse its \
+                 PTX; use an NVRTC no newer than CUDA {} (e.g. `pip install \
+                 nvidia-cuda-nvrtc-cu12=={}.*` on the library path)",
+                nvrtc.version.0,
+                nvrtc.version.1,
+                cuda_version_string(v),
+                cuda_version_string(v),
+                cuda_version_string(v)
+            );
+            match old {
+                Some(v) => bail!("{}; the NVRTC fallback cannot help: {msg}", refused(v)),
+                None => bail!("PREFIX_TUNE_KERNELS=nvrtc: {msg}"),
+            }
+        }
+        Ok(Some(nvrtc))
+    }
+
+    fn open(ordinal: usize, nvrtc: Option<&Nvrtc>) -> Result<Self> {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow!("creating a context on device {ordinal}: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown device".into());
@@ -137,23 +189,37 @@ impl GpuContext {
         if MODULES.is_empty() {
             bail!("found {name} (sm_{major}{minor}), but {NO_KERNELS}");
         }
-        let use_cubin = (major, minor) == (9, 0);
+        let use_cubin = (major, minor) == (9, 0) && nvrtc.is_none();
         let mut modules = HashMap::new();
+        let mut from_cache = 0;
         for m in MODULES {
-            let module = load(&ctx, m, use_cubin)?;
+            let module = match nvrtc {
+                None => load(&ctx, m, use_cubin)?,
+                Some(n) => {
+                    let (ptx, cached) = n.ptx(m)?;
+                    from_cache += cached as usize;
+                    load_compiled(&ctx, m, ptx, n)?
+                }
+            };
             modules.insert(m.name, module);
         }
+        let from = match nvrtc {
+            None if use_cubin => "sm_90 cubins".to_string(),
+            None => "compute_80 PTX".to_string(),
+            Some(n) => format!(
+                "compute_80 PTX compiled at run time by NVRTC {}.{} ({from_cache} from the cache in {})",
+                n.version.0,
+                n.version.1,
+                n.cache.display()
+            ),
+        };
         let stream = ctx.default_stream();
         let description = format!(
             "{name} (sm_{major}{minor}, {} SMs, {:.1} GiB), {} kernel modules loaded from {}",
             sm_count,
             total_mem as f64 / (1u64 << 30) as f64,
             modules.len(),
-            if use_cubin {
-                "sm_90 cubins"
-            } else {
-                "compute_80 PTX"
-            }
+            from
         );
         Ok(GpuContext {
             ctx,
@@ -264,6 +330,23 @@ fn load(ctx: &Arc<CudaContext>, m: &KernelModule, use_cubin: bool) -> Result<Arc
                 "loading kernel module {:?} ({}); the PTX needs a driver for CUDA 13.0 or newer",
                 m.name,
                 if use_cubin { "sm_90 cubin" } else { "PTX" }
+            )
+        })
+}
+
+/// Loads module `m` from the PTX NVRTC compiled.
+fn load_compiled(
+    ctx: &Arc<CudaContext>,
+    m: &KernelModule,
+    ptx: String,
+    nvrtc: &Nvrtc,
+) -> Result<Arc<CudaModule>> {
+    ctx.load_module(Ptx::from_src(ptx))
+        .map_err(|e| anyhow!("{e:?}"))
+        .with_context(|| {
+            format!(
+                "loading kernel module {:?} (PTX from NVRTC {}.{})",
+                m.name, nvrtc.version.0, nvrtc.version.1
             )
         })
 }

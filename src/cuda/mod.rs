@@ -15,6 +15,7 @@ pub mod model_ops;
 pub mod modules;
 pub mod ops;
 pub mod reparam;
+pub mod rtc;
 pub mod training;
 
 pub use context::{gpu_available, kernels_built, GpuContext};

@@ -316,6 +316,37 @@ pub mod skinny {
         }
     }
 
+    /// Every instruction-set variant this CPU can run, by name (for the tests).
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(super) fn variants() -> Vec<(
+        &'static str,
+        fn(usize, usize, &[f32], &[f32], usize, &mut [f32]),
+    )> {
+        let mut v: Vec<(
+            &'static str,
+            fn(usize, usize, &[f32], &[f32], usize, &mut [f32]),
+        )> = vec![("portable", tile_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                v.push(("avx512", |m, k, a, b, nb, o| unsafe {
+                    tile_avx512(m, k, a, b, nb, o)
+                }));
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA.
+                v.push(("avx2", |m, k, a, b, nb, o| unsafe {
+                    tile_avx2(m, k, a, b, nb, o)
+                }));
+            }
+        }
+        v
+    }
+
     /// Σ x·y in [`LANES`] independent partial sums, then the remainder.
     #[inline(always)]
     fn dot(x: &[f32], y: &[f32]) -> f32 {
@@ -441,6 +472,39 @@ mod tests {
             let twice: Vec<f64> = want.iter().map(|x| 2.0 * x).collect();
             let e = rel_err(&c, &twice);
             assert!(e < 1e-5, "accumulate m {m} n {n} k {k}: rel err {e:e}");
+        }
+    }
+
+    /// Each instruction-set variant of the few-rows tile this CPU runs (not only the one the
+    /// dispatch picks), against the f64 product, over a NaN-poisoned output; m covers the
+    /// four-row groups, their remainder rows and both, k the 16-lane chunks and the ragged end.
+    #[test]
+    fn every_few_rows_variant_matches_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7113);
+        let variants = skinny::variants();
+        println!(
+            "variants: {:?}",
+            variants.iter().map(|v| v.0).collect::<Vec<_>>()
+        );
+        for &(m, nb, k) in &[(1, 3, 5), (4, 7, 16), (5, 9, 33), (7, 2, 576), (16, 5, 100)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..nb * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let want = naive(
+                m,
+                nb,
+                k,
+                &cast::<f32, f64>(&a),
+                Trans::No,
+                &cast::<f32, f64>(&b),
+                Trans::Yes,
+            );
+            for (name, tile) in &variants {
+                let mut out = vec![f32::NAN; m * nb];
+                tile(m, k, &a, &b, nb, &mut out);
+                let e = rel_err(&out, &want);
+                assert!(e < 1e-5, "{name} m {m} nb {nb} k {k}: rel err {e:e}");
+            }
         }
     }
 }

@@ -148,6 +148,31 @@ fn an_r570_driver_runs_the_kernels_compiled_by_nvrtc_and_cached() {
         .unwrap()
         .contains(".version 8.7"));
 
+    // An entry that looks whole (its ISA and every kernel named) but does not load: recompiled
+    // once, rewritten.
+    let m0 = prefix_tune::cuda::modules::MODULES
+        .iter()
+        .find(|m| {
+            files[0]
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{}-", m.name))
+        })
+        .expect("the cache file names its module");
+    let mut fake = String::from(".version 8.7\n.target sm_80\n.address_size 64\n");
+    for e in m0.entries {
+        fake.push_str(&format!(".visible .entry {e}(\n"));
+    }
+    std::fs::write(&files[0], fake).unwrap();
+    let (ok, out) = info("12080", Some(&lib), &include, cache.path(), &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("({} from the cache", modules - 1)),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(&files[0]).unwrap().len() > 1000);
+
     // PREFIX_TUNE_KERNELS=nvrtc on a CUDA 13.0 driver uses NVRTC too; =embedded on CUDA 12.8
     // refuses, naming the setting.
     let (ok, out) = info(
@@ -186,6 +211,12 @@ fn the_fallback_refuses_what_cannot_work_and_says_why() {
         "{out}"
     );
     assert!(cached(cache.path()).is_empty());
+    // A driver below the fallback's floor (CUDA 12.2).
+    let (_, out) = info("12000", Some(&lib), &include, cache.path(), &[]);
+    assert!(
+        out.contains("none usable") && out.contains("needs a driver for CUDA 12.2 or newer"),
+        "{out}"
+    );
     // No NVRTC on the library path: the old-driver message, and why there is no fallback.
     let (_, out) = info("12080", None, &include, cache.path(), &[]);
     assert!(

@@ -80,7 +80,12 @@ impl std::fmt::Debug for GpuContext {
 }
 
 /// Runs a driver call, turning cudarc's panics (a driver library missing symbols) into errors.
-pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    guarded_lib("CUDA driver", what, f)
+}
+
+/// [`guarded`] for any library cudarc loads at run time (`lib` names it in the error).
+pub(super) fn guarded_lib<T>(lib: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
@@ -89,7 +94,7 @@ pub(super) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T>
                 .map(String::as_str)
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("unknown panic");
-            Err(anyhow!("{what}: the CUDA driver library failed: {msg}"))
+            Err(anyhow!("{what}: the {lib} library failed: {msg}"))
         }
     }
 }
@@ -152,21 +157,40 @@ impl GpuContext {
             ),
             None => e.context("PREFIX_TUNE_KERNELS=nvrtc"),
         })?;
+        let why_not = |msg: String| match old {
+            Some(v) => anyhow!("{}; the NVRTC fallback cannot help: {msg}", refused(v)),
+            None => anyhow!("PREFIX_TUNE_KERNELS=nvrtc: {msg}"),
+        };
+        let floor = cuda_version_string(MIN_DRIVER_CUDA_VERSION_NVRTC);
+        if let Some(v) = driver.filter(|&v| v < MIN_DRIVER_CUDA_VERSION_NVRTC) {
+            return Err(why_not(format!(
+                "it needs a driver for CUDA {floor} or newer (R535+), this one is CUDA {}",
+                cuda_version_string(v)
+            )));
+        }
+        if nvrtc.cuda_version() < MIN_DRIVER_CUDA_VERSION_NVRTC {
+            return Err(why_not(format!(
+                "the NVRTC on the library path is {}.{}; the kernels need NVRTC {floor} or newer",
+                nvrtc.version.0, nvrtc.version.1
+            )));
+        }
         if let Some(v) = driver.filter(|&v| v < nvrtc.cuda_version()) {
-            let msg = format!(
+            let wheel = if v >= 13000 {
+                "nvidia-cuda-nvrtc"
+            } else {
+                "nvidia-cuda-nvrtc-cu12"
+            };
+            return Err(why_not(format!(
                 "NVRTC {}.{} is newer than the driver (CUDA {}): the driver would refuse its \
-                 PTX; use an NVRTC no newer than CUDA {} (e.g. `pip install \
-                 nvidia-cuda-nvrtc-cu12=={}.*` on the library path)",
+                 PTX; use an NVRTC no newer than CUDA {} (e.g. `pip install {wheel}=={}.*`, its \
+                 lib directory on LD_LIBRARY_PATH; the loader tries libnvrtc.so and .so.13 \
+                 before .so.12, so a newer NVRTC anywhere on the search path hides an older one)",
                 nvrtc.version.0,
                 nvrtc.version.1,
                 cuda_version_string(v),
                 cuda_version_string(v),
                 cuda_version_string(v)
-            );
-            match old {
-                Some(v) => bail!("{}; the NVRTC fallback cannot help: {msg}", refused(v)),
-                None => bail!("PREFIX_TUNE_KERNELS=nvrtc: {msg}"),
-            }
+            )));
         }
         Ok(Some(nvrtc))
     }
@@ -198,7 +222,22 @@ impl GpuContext {
                 Some(n) => {
                     let (ptx, cached) = n.ptx(m)?;
                     from_cache += cached as usize;
-                    load_compiled(&ctx, m, ptx, n)?
+                    match load_compiled(&ctx, m, ptx, n) {
+                        Ok(module) => module,
+                        // A cache entry that looked whole but does not load (truncated, or
+                        // from another NVRTC build): compile it again, once.
+                        Err(e) if cached => {
+                            from_cache -= 1;
+                            let fresh = n.compile_and_cache(m).with_context(|| {
+                                format!(
+                                    "recompiling after the cached {} failed to load ({e:#})",
+                                    n.cache_path(m).display()
+                                )
+                            })?;
+                            load_compiled(&ctx, m, fresh, n)?
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             modules.insert(m.name, module);

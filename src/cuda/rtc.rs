@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::nvrtc::{result, sys};
 
-use super::context::guarded;
+use super::context::guarded_lib as guarded;
 use super::modules::{KernelModule, KERNEL_HEADERS};
 
 /// The virtual architecture of the PTX NVRTC writes (as the embedded PTX: sm_80 and newer).
@@ -65,13 +65,13 @@ impl Nvrtc {
         // SAFETY: only tries to dlopen the NVRTC library.
         if !unsafe { sys::is_culib_present() } {
             bail!(
-                "no NVRTC library (libnvrtc.so.12 or .13) on the library path: install the CUDA \
-                 toolkit's NVRTC no newer than the driver (e.g. `pip install \
+                "no NVRTC library (libnvrtc.so, .so.13, .so.12, ...) on the library path: install \
+                 the CUDA toolkit's NVRTC no newer than the driver (e.g. `pip install \
                  nvidia-cuda-nvrtc-cu12==12.8.*` for a CUDA 12.8 driver) and put its lib \
                  directory on LD_LIBRARY_PATH"
             );
         }
-        let version = guarded("reading the NVRTC version", || {
+        let version = guarded("NVRTC", "reading the NVRTC version", || {
             let (mut major, mut minor): (c_int, c_int) = (0, 0);
             // SAFETY: NVRTC writes two ints.
             unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
@@ -113,23 +113,32 @@ impl Nvrtc {
     /// cached; a cache that cannot be written is only a lost speed-up). Returns the PTX and
     /// whether it came from the cache.
     pub fn ptx(&self, m: &KernelModule) -> Result<(String, bool)> {
-        let path = self
-            .cache
-            .join(format!("{}-{:016x}.ptx", m.name, self.key(m)));
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(text) = std::fs::read_to_string(self.cache_path(m)) {
             if check_ptx(m, &text).is_ok() {
                 return Ok((text, true));
             }
         }
+        Ok((self.compile_and_cache(m)?, false))
+    }
+
+    /// Where module `m`'s PTX is cached.
+    pub fn cache_path(&self, m: &KernelModule) -> PathBuf {
+        self.cache
+            .join(format!("{}-{:016x}.ptx", m.name, self.key(m)))
+    }
+
+    /// Compiles module `m` now and replaces its cache entry (also used when a cached entry that
+    /// looked whole failed to load).
+    pub fn compile_and_cache(&self, m: &KernelModule) -> Result<String> {
         let ptx = self.compile(m)?;
         check_ptx(m, &ptx).with_context(|| format!("NVRTC's PTX for kernels/{}.cu", m.name))?;
-        if let Err(e) = write_atomically(&path, &ptx) {
+        if let Err(e) = write_atomically(&self.cache_path(m), &ptx) {
             eprintln!(
                 "warning: could not cache the NVRTC-compiled kernels in {}: {e:#}",
                 self.cache.display()
             );
         }
-        Ok((ptx, false))
+        Ok(ptx)
     }
 
     /// The cache key: everything the PTX depends on. (`DefaultHasher` may change between Rust
@@ -138,9 +147,11 @@ impl Nvrtc {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.version.hash(&mut h);
         self.options().hash(&mut h);
-        std::fs::read(self.include.join("cuda_fp16.h"))
-            .unwrap_or_default()
-            .hash(&mut h);
+        for header in ["cuda_fp16.h", "cuda_fp16.hpp"] {
+            std::fs::read(self.include.join(header))
+                .unwrap_or_default()
+                .hash(&mut h);
+        }
         m.name.hash(&mut h);
         m.source.hash(&mut h);
         KERNEL_HEADERS.hash(&mut h);
@@ -154,7 +165,7 @@ impl Nvrtc {
             "compiling kernels/{}.cu with NVRTC {}.{}",
             m.name, self.version.0, self.version.1
         );
-        guarded(&what, || {
+        guarded("NVRTC", &what, || {
             let cstr = |s: &str| CString::new(s).map_err(|_| anyhow!("a NUL byte in {s:.40?}"));
             let src = cstr(m.source)?;
             let name = cstr(&format!("{}.cu", m.name))?;
@@ -202,7 +213,6 @@ impl Nvrtc {
                 }
             }
         })
-        .with_context(|| what.clone())
     }
 }
 
@@ -229,11 +239,15 @@ pub fn check_ptx(m: &KernelModule, ptx: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `path` through a temporary file in the same directory and a rename.
+/// Writes `text` to `path` through a temporary file in the same directory and a rename (the
+/// temporary name unique to this process and call, so concurrent writers never share one; the
+/// last rename wins with a whole file).
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().context("cache path without a directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension(format!("ptx.tmp.{}", std::process::id()));
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("ptx.tmp.{}.{serial}", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

@@ -38,15 +38,7 @@ fn num(r: &Value, key: &str) -> f64 {
 /// Whether the loaded driver is prefix-tune's simulator; else a visible skip (a failure under
 /// `PREFIX_TUNE_REQUIRE_SIM=1`).
 fn on_the_simulator(test: &str) -> bool {
-    if prefix_tune::cuda::context::simulated() {
-        return true;
-    }
-    common::skip(
-        "PREFIX_TUNE_REQUIRE_SIM",
-        test,
-        "the loaded CUDA driver is not prefix-tune's simulator (run under scripts/sim)",
-    );
-    false
+    common::simulator_or_skip(test)
 }
 
 fn gpu_present() -> bool {

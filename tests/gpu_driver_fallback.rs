@@ -21,16 +21,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prefix_tune::cuda::context::{driver_cuda_version, simulated, MIN_DRIVER_CUDA_VERSION};
+use prefix_tune::cuda::context::{driver_cuda_version, MIN_DRIVER_CUDA_VERSION};
 
 /// `<cache>/nvrtc-12.8`: (the directory of libnvrtc.so.12, the one of cuda_fp16.h).
 fn nvrtc_12_8(test: &str) -> Option<(PathBuf, PathBuf)> {
-    if !simulated() {
-        common::skip(
-            "PREFIX_TUNE_REQUIRE_SIM",
-            test,
-            "the loaded CUDA driver is not prefix-tune's simulator (run under scripts/sim)",
-        );
+    if !common::simulator_or_skip(test) {
         return None;
     }
     let root = prefix_tune::assets::cache_dir().join("nvrtc-12.8/nvidia");

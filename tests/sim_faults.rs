@@ -23,7 +23,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use half::f16;
-use prefix_tune::cuda::context::{simulated, simulator_detail};
+use prefix_tune::cuda::context::simulator_detail;
 
 fn nvcc() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("NVCC").filter(|p| !p.is_empty()) {
@@ -53,12 +53,7 @@ fn faults_ptx() -> Option<String> {
 }
 
 fn gate(test: &str) -> Option<String> {
-    if !simulated() {
-        common::skip(
-            "PREFIX_TUNE_REQUIRE_SIM",
-            test,
-            "the loaded CUDA driver is not prefix-tune's simulator (run under scripts/sim)",
-        );
+    if !common::simulator_or_skip(test) {
         return None;
     }
     let ptx = faults_ptx();

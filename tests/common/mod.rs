@@ -24,6 +24,20 @@ pub fn skip(require_var: &str, test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
+/// Whether the loaded CUDA driver is prefix-tune's simulator; a visible skip otherwise (a failure
+/// under `PREFIX_TUNE_REQUIRE_SIM=1`).
+pub fn simulator_or_skip(test: &str) -> bool {
+    if prefix_tune::cuda::context::simulated() {
+        return true;
+    }
+    skip(
+        "PREFIX_TUNE_REQUIRE_SIM",
+        test,
+        "the loaded CUDA driver is not prefix-tune's simulator (run under scripts/sim)",
+    );
+    false
+}
+
 /// The GPU, or `None` after a visible skip (a failure under `PREFIX_TUNE_REQUIRE_GPU=1`).
 pub fn gpu_or_skip(test: &str) -> Option<prefix_tune::cuda::GpuContext> {
     match prefix_tune::cuda::GpuContext::new(0) {

@@ -56,6 +56,8 @@ pub struct Nvrtc {
     pub include: PathBuf,
     /// Where compiled PTX is cached.
     pub cache: PathBuf,
+    /// The part of every cache key that all modules share (see [`Nvrtc::key`]), hashed once.
+    shared_key: u64,
 }
 
 impl Nvrtc {
@@ -83,11 +85,14 @@ impl Nvrtc {
         let cache = crate::assets::cache_dir()
             .join("kernels")
             .join(format!("nvrtc-{}.{}", version.0, version.1));
-        Ok(Nvrtc {
+        let mut nvrtc = Nvrtc {
             version,
             include,
             cache,
-        })
+            shared_key: 0,
+        };
+        nvrtc.shared_key = nvrtc.shared_key();
+        Ok(nvrtc)
     }
 
     /// The CUDA version of this NVRTC as the driver reports its own (12080 for 12.8): a driver
@@ -141,9 +146,10 @@ impl Nvrtc {
         Ok(ptx)
     }
 
-    /// The cache key: everything the PTX depends on. (`DefaultHasher` may change between Rust
-    /// releases; that only costs one recompilation.)
-    fn key(&self, m: &KernelModule) -> u64 {
+    /// What every module's PTX depends on: the NVRTC version, the options, the toolkit's fp16
+    /// headers and the embedded headers. (`DefaultHasher` may change between Rust releases; that
+    /// only costs one recompilation.)
+    fn shared_key(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.version.hash(&mut h);
         self.options().hash(&mut h);
@@ -152,9 +158,16 @@ impl Nvrtc {
                 .unwrap_or_default()
                 .hash(&mut h);
         }
+        KERNEL_HEADERS.hash(&mut h);
+        h.finish()
+    }
+
+    /// The cache key of module `m`: the shared part and the module's own source.
+    fn key(&self, m: &KernelModule) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.shared_key.hash(&mut h);
         m.name.hash(&mut h);
         m.source.hash(&mut h);
-        KERNEL_HEADERS.hash(&mut h);
         h.finish()
     }
 
